@@ -1,0 +1,5 @@
+import sys
+
+from antiphon.daemon.cli import main
+
+sys.exit(main())

