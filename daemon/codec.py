@@ -87,13 +87,46 @@ def load_midi(path: str | Path) -> Performance:
     return Performance(notes, sustain)
 
 
+def _release_before_restrike(notes: list[Note]) -> list[Note]:
+    """A key struck again while still sounding is released at the new strike, as on a piano,
+    so that the later release of the first note cannot cut the second one short."""
+    out: list[Note] = []
+    last: dict[int, int] = {}  # pitch -> index in out of its latest note
+    for n in sorted(notes, key=lambda n: (n.start, n.pitch)):
+        i = last.get(n.pitch)
+        if i is not None and out[i].end > n.start:
+            out[i] = out[i]._replace(end=n.start)
+        last[n.pitch] = len(out)
+        out.append(n)
+    return out
+
+
 def to_events(perf: Performance) -> list[Event]:
-    """Timed events in the order a keyboard would send them."""
-    events = [Event(n.start, ON, n.pitch, n.velocity) for n in perf.notes]
-    events += [Event(n.end, OFF, n.pitch) for n in perf.notes]
-    events += [Event(t, SUSTAIN, int(down)) for t, down in perf.sustain]
-    events.sort(key=lambda e: (e.time, e.kind, e.value))
-    return events
+    """Timed events in canonical order: by grid step, then offs, pedal, ons, then pitch.
+
+    Ordering within a 10 ms step by kind and pitch (not by sub-grid time) makes the encoding
+    of a file a fixed point of decode/encode. A note that starts and ends within one step is
+    the exception: its release must follow its own strike or it would never be released.
+    """
+    pedal: list[tuple[float, bool]] = []
+    for t, down in perf.sustain:  # keep only real changes: a redundant one would move the origin
+        if down != (pedal[-1][1] if pedal else False):
+            pedal.append((t, down))
+    if not perf.notes and not pedal:
+        return []
+    origin = min([n.start for n in perf.notes] + [t for t, _ in pedal])
+
+    def step(t: float) -> int:
+        return int(math.floor((t - origin) / V.STEP_S + 0.5))
+
+    keyed: list[tuple[tuple[int, int, int], Event]] = []
+    for n in _release_before_restrike(perf.notes):
+        on_step, off_step = step(n.start), step(n.end)
+        keyed.append(((on_step, ON, n.pitch), Event(n.start, ON, n.pitch, n.velocity)))
+        keyed.append(((off_step, OFF if off_step > on_step else ON + 1, n.pitch), Event(n.end, OFF, n.pitch)))
+    keyed += [((step(t), SUSTAIN, int(down)), Event(t, SUSTAIN, int(down))) for t, down in pedal]
+    keyed.sort(key=lambda ke: ke[0])
+    return [e for _, e in keyed]
 
 
 def write_midi(tracks: dict[str, Performance], path: str | Path, tempo_bpm: float = 120.0,
@@ -161,22 +194,30 @@ class TokenEncoder:
         self.sounding[pitch] = 1
         return out
 
+    # Events that change nothing (releasing a silent key, a pedal already in that state) emit
+    # nothing and do not advance time, so that they cannot split a gap or set the origin.
+
     def note_off(self, t: float, pitch: int, out: list[int] | None = None) -> list[int]:
-        out = self.advance_to(t, out)
+        out = [] if out is None else out
         if self.sounding[pitch]:
+            self.advance_to(t, out)
             out.append(V.note_off(pitch))
             self.sounding[pitch] = 0
         return out
 
     def pedal(self, t: float, down: bool, out: list[int] | None = None) -> list[int]:
-        out = self.advance_to(t, out)
+        out = [] if out is None else out
         if down != self.sustain:
+            self.advance_to(t, out)
             out.append(V.SUSTAIN_ON if down else V.SUSTAIN_OFF)
             self.sustain = down
         return out
 
     def all_off(self, t: float, out: list[int] | None = None) -> list[int]:
-        out = self.advance_to(t, out)
+        out = [] if out is None else out
+        if not any(self.sounding):
+            return out
+        self.advance_to(t, out)
         for pitch in range(V.N_PITCH):
             if self.sounding[pitch]:
                 out.append(V.note_off(pitch))

@@ -1,0 +1,82 @@
+"""Packaging and import-graph rules: namespaced imports, a torch-free daemon, one CLI."""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import antiphon.daemon
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_py(code: str) -> subprocess.CompletedProcess:
+    # Run outside the repo root so that `import daemon` could not resolve to the folder.
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+
+
+def test_every_daemon_module_imports_without_torch():
+    names = sorted(m.name for m in pkgutil.iter_modules(antiphon.daemon.__path__) if m.name != "__main__")
+    assert {"vocab", "codec", "config", "cli"} <= set(names)
+    code = ("import importlib, json, sys\n"
+            f"for n in {names!r}: importlib.import_module('antiphon.daemon.' + n)\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'onnxscript'))))")
+    proc = run_py(code)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
+def test_help_ports_and_jam_parsing_never_import_torch():
+    code = ("import sys\nfrom antiphon.daemon import cli\n"
+            "for argv in (['--help'], ['ports', '--help'], ['jam', '--help']):\n"
+            "    try: cli.main(argv)\n"
+            "    except SystemExit: pass\n"
+            "print('torch' in sys.modules)")
+    proc = run_py(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+    for sub in ("jam", "ports", "tokenize", "data", "train", "eval", "export", "bench", "continue", "render"):
+        assert f"    {sub}" in proc.stdout
+
+
+def test_python_dash_m_runs_the_same_cli():
+    for module in ("antiphon", "antiphon.daemon"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd="/",
+                              timeout=60)
+        assert proc.returncode == 0 and "tokenize" in proc.stdout, proc.stderr
+
+
+def test_no_top_level_daemon_models_or_export_is_installed():
+    proc = run_py("import importlib.util as u; print([n for n in ('daemon', 'models', 'export') if u.find_spec(n)])")
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_vocab_table_prints_every_range():
+    proc = subprocess.run([sys.executable, "-m", "antiphon.daemon.vocab"], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0
+    for name in ("NOTE_ON", "NOTE_OFF", "TIME_SHIFT", "VELOCITY", "SUSTAIN_ON", "SUSTAIN_OFF", "PAD", "BOS", "EOS"):
+        assert name in proc.stdout
+    assert "393 tokens" in proc.stdout
+
+
+def test_tokenize_command_round_trips_a_real_performance(tmp_path):
+    src = ROOT / "tests" / "data" / "satie_gymnopedie1_hannds.mid"
+    out = tmp_path / "seen.mid"
+    proc = subprocess.run([sys.executable, "-m", "antiphon", "tokenize", str(src), "-o", str(out), "--json"],
+                          capture_output=True, text=True, cwd="/", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    assert stats["notes"] == stats["output_notes"] == 456
+    assert stats["tokens"] > 2 * stats["notes"] and out.stat().st_size > 1000
+
+
+def test_tokenize_rejects_a_non_midi_file_clearly(tmp_path):
+    bad = tmp_path / "notes.mid"
+    bad.write_text("this is not MIDI")
+    proc = subprocess.run([sys.executable, "-m", "antiphon", "tokenize", str(bad)], capture_output=True, text=True,
+                          cwd="/", timeout=60)
+    assert proc.returncode == 2
+    assert "notes.mid" in proc.stderr and "Traceback" not in proc.stderr
