@@ -92,6 +92,8 @@ def _data(p: argparse.ArgumentParser) -> None:
 def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON config file with 'TrainConfig' and 'ModelConfig' sections")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--stop-at", type=int, default=0, metavar="STEP",
+                   help="stop with a checkpoint after this step, keeping the --steps schedule (continue with --resume)")
     add_config_args(p, TrainConfig)
     add_config_args(p, ModelConfig, skip=("vocab_size",))
 
@@ -104,6 +106,7 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-files", type=int, default=0, help="evaluate at most this many files (0: all)")
     p.add_argument("--phrases", type=int, default=32, help="held-out phrases for the musical metrics (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for the musical metrics")
+    p.add_argument("--markov-order", type=int, default=10, help="longest context of the Markov baseline")
 
 
 def _export(p: argparse.ArgumentParser) -> None:
@@ -113,6 +116,11 @@ def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16", action="store_true", help="also write an fp16 model (GPU)")
     p.add_argument("--verify", nargs=2, metavar=("MODEL_ONNX", "CHECKPOINT"),
                    help="verify an exported model against its checkpoint and exit")
+    p.add_argument("--midi", default="", help="MIDI file whose tokens drive verification (default: a built-in phrase)")
+    p.add_argument("--layout", choices=["gqa", "portable"], default="gqa",
+                   help="KV-cache graph: gqa (ONNX Runtime's fused attention, fastest) or portable (plain ONNX ops)")
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                   help="torch.onnx exporter for --layout portable (both give the same graph contract)")
 
 
 def _bench(p: argparse.ArgumentParser) -> None:
@@ -121,6 +129,8 @@ def _bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live", action="store_true", help="measure the jam daemon over a real JACK server")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for tests)")
+    p.add_argument("--random", action="store_true",
+                   help="measure a randomly initialised model of the default ModelConfig shape instead")
 
 
 def _continue(p: argparse.ArgumentParser) -> None:

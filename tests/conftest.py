@@ -1,0 +1,79 @@
+"""Shared fixtures. Append new fixtures; keep each one's setup cost stated in its docstring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class TinyModel:
+    model: object  # antiphon.models.gpt.GPT, in eval mode
+    cfg: object  # ModelConfig
+    checkpoint: Path
+    onnx: Path
+    int8: Path
+    tokens: list[int]  # real codec tokens the model was fitted to
+    report: object  # VerifyReport of the fp32 export
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> TinyModel:
+    """2 layers, d_model 64, context 128, briefly fitted to a codec-encoded phrase so its logits
+    are peaked like a trained model's (random weights give flat logits that hide int8 error),
+    saved as a checkpoint, exported to fp32 and int8 ONNX and verified. About 10 s, once."""
+    import torch
+
+    from antiphon.daemon import vocab as V
+    from antiphon.daemon.config import ModelConfig
+    from antiphon.export.onnx_export import export_model
+    from antiphon.export.quantize import quantize_int8
+    from antiphon.export.verify import demo_tokens, verify
+    from antiphon.models.checkpoint import load_model, save_checkpoint
+    from antiphon.models.gpt import GPT
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V.VOCAB_SIZE, n_layer=2, n_head=2, d_model=64, context=128, dropout=0.0)
+    model = GPT(cfg)
+    tokens = demo_tokens(600)
+    data = torch.tensor(tokens)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: OpenMP wake-ups cost more than they save on a shared box
+    for _ in range(60):
+        starts = torch.randint(0, len(tokens) - 65, (8,))
+        x = torch.stack([data[s:s + 64] for s in starts])
+        y = torch.stack([data[s + 1:s + 65] for s in starts])
+        loss = model.loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    root = tmp_path_factory.mktemp("tiny")
+    save_checkpoint(root / "tiny.pt", model, cfg, {"step": 60, "run_id": "tiny-test"})
+    model, cfg, meta = load_model(root / "tiny.pt")
+    onnx_path = export_model(model, cfg, root / "tiny.onnx", meta["run_id"])
+    report = verify(str(onnx_path), model, cfg, tokens, "fp32", meta["run_id"], log=lambda s: None)
+    int8 = quantize_int8(onnx_path, root / "tiny.int8.onnx")
+    return TinyModel(model, cfg, root / "tiny.pt", onnx_path, int8, tokens, report)
+
+
+# --------------------------------------------------------------------------- JACK (jam, ports, bench --live)
+
+@pytest.fixture(scope="session")
+def jack_server():
+    """A private headless jackd (dummy driver, 48 kHz, period 64) for the whole session; about 1 s
+    to start. Use the `jack` fixture in tests: it restarts the server when it stopped answering."""
+    from antiphon.daemon.jackserver import JackServer
+
+    server = JackServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def jack(jack_server):
+    """The session's JACK server, checked (and restarted if hung) before each test."""
+    return jack_server.ensure()

@@ -1,0 +1,160 @@
+"""The torch-free engine: cache semantics, refusal of foreign models, sampling and grammar."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from antiphon.daemon import codec
+from antiphon.daemon import engine as engine_mod
+from antiphon.daemon import vocab as V
+from antiphon.daemon.engine import Engine
+from antiphon.daemon.errors import UserError
+from antiphon.daemon.sampling import Sampler, grammar_mask
+from antiphon.export.onnx_export import set_metadata
+
+
+@pytest.fixture()
+def engine(tiny_model) -> Engine:
+    return Engine(str(tiny_model.onnx), log=lambda s: None)
+
+
+def torch_logits(tiny_model, tokens) -> np.ndarray:
+    with torch.no_grad():
+        return tiny_model.model(torch.tensor([list(tokens)]))[0][0].numpy()
+
+
+def test_prefill_and_decode_match_torch(engine, tiny_model):
+    seq = tiny_model.tokens[:100]
+    ref = torch_logits(tiny_model, seq)
+    assert np.abs(engine.prefill(seq[:40]) - ref[39]).max() < 1e-4
+    for i in range(40, 100):
+        assert np.abs(engine.decode(seq[i]) - ref[i]).max() < 1e-4
+    assert engine.length == 100 and list(engine.tokens[:100]) == seq
+
+
+def test_rollback_is_as_if_never_decoded(engine, tiny_model):
+    seq = tiny_model.tokens
+    engine.prefill(seq[:30])
+    never = engine.decode(seq[30]).copy()
+    engine.rollback(30)
+    for t in seq[40:55]:  # a discarded speculative continuation
+        engine.decode(t)
+    engine.rollback(30)
+    assert engine.length == 30
+    assert np.array_equal(engine.decode(seq[30]), never)
+    with pytest.raises(ValueError):
+        engine.rollback(engine.length + 1)
+
+
+def test_slide_matches_fresh_prefill(engine, tiny_model):
+    seq = tiny_model.tokens
+    engine.prefill(seq[:120])
+    last = engine.slide(50).copy()
+    assert engine.length == 50 and list(engine.tokens[:50]) == seq[70:120]
+    fresh = Engine(str(tiny_model.onnx), log=lambda s: None)
+    assert np.array_equal(last, fresh.prefill(seq[70:120]))
+    assert np.abs(engine.decode(seq[120]) - torch_logits(tiny_model, seq[70:121])[-1]).max() < 1e-4
+
+
+def test_cache_full_is_an_error_not_a_wraparound(engine, tiny_model):
+    engine.prefill(tiny_model.tokens[:engine.context])
+    with pytest.raises(ValueError, match="slide"):
+        engine.decode(5)
+
+
+def test_logits_for_leaves_the_cache_alone(engine, tiny_model):
+    seq = tiny_model.tokens
+    engine.prefill(seq[:20])
+    full = engine.logits_for(seq[:64])
+    assert full.shape == (64, V.VOCAB_SIZE) and engine.length == 20
+    assert np.abs(full - torch_logits(tiny_model, seq[:64])).max() < 1e-4
+    assert np.abs(engine.decode(seq[20]) - full[20]).max() < 1e-4
+
+
+def test_int8_engine_runs_with_the_same_api(tiny_model):
+    eng = Engine(str(tiny_model.int8), log=lambda s: None)
+    assert eng.meta["precision"] == "int8" and eng.meta["model_config"]["context"] == 128
+    seq = tiny_model.tokens[:64]
+    eng.prefill(seq[:32])
+    step = [int(np.argmax(eng.decode(t))) for t in seq[32:]]
+    ref = np.argmax(torch_logits(tiny_model, seq)[32:], -1)
+    assert np.mean(np.array(step) == ref) >= 0.9
+
+
+def test_other_vocabulary_is_refused(tiny_model, tmp_path):
+    proto = onnx.load(str(tiny_model.onnx))
+    set_metadata(proto, {"vocab": '{"version": 2, "time_step_ms": 8, "max_shift_steps": 100, "velocity_bins": 32}'})
+    onnx.save(proto, str(tmp_path / "other.onnx"))
+    with pytest.raises(V.VocabMismatch, match="time_step_ms"):
+        Engine(str(tmp_path / "other.onnx"), log=lambda s: None)
+
+
+def test_corrupt_missing_and_foreign_files_are_user_errors(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(UserError, match="antiphon export"):
+        Engine(str(tmp_path / "bad.onnx"), log=lambda s: None)
+    with pytest.raises(UserError, match="does not exist"):
+        Engine(str(tmp_path / "missing.onnx"), log=lambda s: None)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=8),
+              str(tmp_path / "foreign.onnx"))
+    with pytest.raises(UserError, match="not an antiphon model"):
+        Engine(str(tmp_path / "foreign.onnx"), log=lambda s: None)
+
+
+def test_missing_default_model_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(engine_mod.resources, "files", lambda package: tmp_path)
+    with pytest.raises(UserError, match="--model"):
+        engine_mod.default_model_path()
+
+
+def test_engine_logs_one_line_and_imports_without_torch(tiny_model):
+    code = ("import sys; from antiphon.daemon.engine import Engine; "
+            f"e = Engine({str(tiny_model.onnx)!r}); e.prefill([1, 5, 9]); "
+            "assert 'torch' not in sys.modules, 'engine imported torch'")
+    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("\n") == 1 and "engine: tiny.onnx on CPU" in run.stdout
+    assert run.stderr == "", "ONNX Runtime should not warn on a CPU-only machine"
+
+
+def test_sampler_is_seeded_and_honours_temperature_top_p_and_mask():
+    logits = np.linspace(-3, 3, V.VOCAB_SIZE).astype(np.float32)
+    a = [Sampler(7, 1.0, 0.95).sample(logits) for _ in range(3)]
+    s1, s2 = Sampler(7, 1.0, 0.95), Sampler(7, 1.0, 0.95)
+    assert [s1.sample(logits) for _ in range(50)] == [s2.sample(logits) for _ in range(50)]
+    assert len(set(a)) == 1
+    assert Sampler(0, 0.0, 1.0).sample(logits) == V.VOCAB_SIZE - 1
+    assert Sampler(0, 1.0, 1e-6).sample(logits) == V.VOCAB_SIZE - 1  # nucleus of one token
+    mask = np.zeros(V.VOCAB_SIZE, bool)
+    mask[[10, 20]] = True
+    draws = {Sampler(i, 5.0, 1.0).sample(logits, mask) for i in range(40)}
+    assert draws == {10, 20}
+    with pytest.raises(ValueError):
+        Sampler(0, 1.0, 1.0).sample(logits, np.zeros(V.VOCAB_SIZE, bool))
+
+
+def test_grammar_mask_follows_the_decoder_ledger():
+    dec = codec.TokenDecoder()
+    mask = grammar_mask(dec, np.empty(V.VOCAB_SIZE, bool))
+    assert not mask[V.PAD] and not mask[V.BOS] and mask[V.time_shift(5)]
+    assert mask[V.note_on(60)] and not mask[V.note_off(60)] and not mask[V.SUSTAIN_OFF] and mask[V.SUSTAIN_ON]
+    for t in (V.note_on(60), V.SUSTAIN_ON):
+        dec.feed(t)
+    grammar_mask(dec, mask)
+    assert not mask[V.note_on(60)] and mask[V.note_off(60)] and not mask[V.note_off(61)]
+    assert mask[V.SUSTAIN_OFF] and not mask[V.SUSTAIN_ON]
+    dec.feed(V.time_shift(100))
+    dec.feed(V.time_shift(100))
+    dec.feed(V.time_shift(100))  # past max_note_s (4 s in total): the ledger closed the note
+    dec.feed(V.time_shift(100))
+    dec.feed(V.time_shift(1))
+    assert grammar_mask(dec)[V.note_on(60)]
