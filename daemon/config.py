@@ -92,7 +92,7 @@ class JamConfig:
     out_channel: int = _f(1, "answer on this MIDI channel 1-16")
     temperature: float = _f(1.0, "sampling temperature")
     top_p: float = _f(0.95, "nucleus sampling mass")
-    wait_ms: int = _f(400, "silence after the last note-off that ends a phrase, in ms")
+    wait_ms: int = _f(400, "ms of silence, no key down, after the player's last event that end a phrase")
     answer_min_s: float = _f(1.0, "shortest answer in seconds")
     answer_max_s: float = _f(12.0, "longest answer in seconds")
     answer_scale: float = _f(1.0, "answer length as a multiple of the call's length")
@@ -101,7 +101,20 @@ class JamConfig:
     seed: int = _f(-1, "sampling seed (-1: random)")
     threads: int = _f(1, "ONNX Runtime intra-op threads (leave a core for MIDI I/O)")
     record: str = _f("", "folder to record sessions into as MIDI files (empty: no recording)")
+    midi_clock: bool = _f(True, "follow MIDI clock, start/stop and song position from the input port when sent")
+    beats_per_bar: int = _f(4, "beats per bar of the DAW's song, for bar-aligned timing under MIDI clock")
+    quantize: int = _f(0, "snap answer note onsets to 1/N notes while following MIDI clock (0: off; e.g. 16)")
+    cc_temperature: int = _f(21, "CC that sets the temperature: 0-127 to 0.2-2.0 on a log scale, 89 = 1.0 (-1: none)")
+    cc_length: int = _f(22, "CC that sets answer_scale: 0-127 to 0.25-4.0 on a log scale, 64 = 1.0 (-1: none)")
+    cc_enable: int = _f(23, "CC that switches answering on (value >= 64) or off (-1: none)")
+    cc_end_call: int = _f(24, "CC whose press (value rising to >= 64) ends the call now; 67 turns the soft pedal "
+                              "into a foot switch (-1: none)")
+    cc_panic: int = _f(25, "CC whose press silences antiphon at once (-1: none); CC 120 and 123 always do")
+    echo_window_ms: float = _f(30.0, "input that repeats what antiphon sent this recently is its own echo "
+                                     "(a DAW's MIDI thru) and is ignored (0: off)")
+    inbox_size: int = _f(4096, "MIDI input messages that may wait to be handled; more are dropped and counted")
     quiet: bool = _f(False, "no status output")
+    trace: str = _f("", "file to log every sent message's due and send times to (for `antiphon bench --live`)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
