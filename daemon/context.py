@@ -1,0 +1,278 @@
+"""What the KV cache holds, and the call/answer state machine that keeps it true to what was heard.
+
+The cache holds one performance: the player's notes and antiphon's answers, interleaved in
+time order, as one TokenEncoder timeline. Everything the player plays is prefilled the moment
+it arrives. As soon as no key is down, antiphon *speculates*: it appends the pause that would
+end the phrase (wait_ms) and generates the answer from there, handing its messages to the
+scheduler timed from that phrase end. If the player goes on before then, nothing has sounded:
+the speculation is rolled back. Once the answer plays, the next player event asks the
+scheduler how much of it was really sent (`cancel` → `on_heard`); the cache is rolled back to
+exactly that, the notes the barge-in cut are closed at that moment, and the player's new
+events follow in time order.
+
+All of this runs in the engine thread; it never blocks and never reads a clock, so the unit
+tests drive it with a fake engine and chosen timestamps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from antiphon.daemon import codec
+from antiphon.daemon import vocab as V
+from antiphon.daemon.config import JamConfig
+from antiphon.daemon.scheduler import Item
+
+# Until the answer's first note: no pause (it must start exactly at the phrase end), no offs.
+_OPENING = np.zeros(V.VOCAB_SIZE, dtype=bool)
+_OPENING[V.NOTE_ON:V.NOTE_OFF] = True
+_OPENING[V.VELOCITY:V.SUSTAIN_OFF + 1] = True
+_ANY = np.ones(V.VOCAB_SIZE, dtype=bool)
+_ANY[[V.PAD, V.BOS, V.EOS]] = False
+
+
+def clone_encoder(enc: codec.TokenEncoder) -> codec.TokenEncoder:
+    c = codec.TokenEncoder()
+    c.origin, c.step, c.velocity_bin, c.sustain = enc.origin, enc.step, enc.velocity_bin, enc.sustain
+    c.sounding = bytearray(enc.sounding)
+    return c
+
+
+def absorb(enc: codec.TokenEncoder, tokens: list[int], max_note_s: float) -> codec.TokenDecoder:
+    """Bring the encoder's state past generated tokens; returns the decoder replayed over them."""
+    dec = codec.TokenDecoder(0, max_note_s)
+    for tok in tokens:
+        dec.feed(tok)
+        if V.VELOCITY <= tok < V.SUSTAIN_ON:
+            enc.velocity_bin = tok - V.VELOCITY
+        elif tok in (V.SUSTAIN_ON, V.SUSTAIN_OFF):
+            enc.sustain = tok == V.SUSTAIN_ON
+    enc.step += dec.step
+    for p in range(V.N_PITCH):
+        enc.sounding[p] = 1 if dec.onset[p] >= 0 else 0
+    return dec
+
+
+def answer_seconds(call_s: float, cfg: JamConfig) -> float:
+    return min(max(call_s * cfg.answer_scale, cfg.answer_min_s), cfg.answer_max_s)
+
+
+@dataclass
+class Answer:
+    """One speculative-then-played answer generation."""
+
+    gen: int
+    start: float  # clock time of the phrase end: the answer's time 0
+    seconds: float  # planned length
+    prefix: list[int]  # the closing pause, appended before the answer's tokens
+    base: int  # cache index of tokens[0]
+    decoder: codec.TokenDecoder
+    tokens: list[int] = field(default_factory=list)
+    note_ids: dict[int, int] = field(default_factory=dict)
+    notes: int = 0
+    done: bool = False
+
+
+class Conversation:
+    """The engine thread's state: feed it player messages and scheduler replies; call `step` when idle."""
+
+    def __init__(self, engine: Any, sampler: Any, grammar_mask: Callable, cfg: JamConfig,
+                 submit: Callable[[int, list[Item]], None], cancel: Callable[[int], None],
+                 log: Callable[[str], None] = print) -> None:
+        self.engine, self.sampler, self.grammar_mask, self.cfg = engine, sampler, grammar_mask, cfg
+        self.submit, self.cancel, self.log = submit, cancel, log
+        self.wait_s = cfg.wait_ms / 1000.0
+        self.out_channel = (cfg.out_channel - 1) & 0x0F
+        self.enc = codec.TokenEncoder()
+        self.keys_down: set[int] = set()
+        self.phrase_start: float | None = None
+        self.last_event = 0.0
+        self.answer: Answer | None = None
+        self.awaiting: int | None = None  # gen whose `heard` reply we wait for
+        self.backlog: list[tuple[float, list[int]]] = []  # player events held until that reply
+        self.deferred: list[tuple[float, list[int]]] = []  # pedal/offs that arrived during an answer
+        self.gen = 0
+        self.note_id = 0
+        self.answers = 0
+        self._mask = np.ones(V.VOCAB_SIZE, dtype=bool)
+        self.engine.rollback(0)
+        self._commit(self.engine.prefill([V.BOS]))
+
+    # ------------------------------------------------------------------ cache bookkeeping
+
+    def _commit(self, logits: np.ndarray) -> None:
+        self.committed = self.engine.length
+        self.logits = np.array(logits, dtype=np.float32)  # the engine's view is overwritten by the next call
+
+    def _room(self, needed: int) -> None:
+        """Slide the window when `needed` more tokens would not fit: keep the recent half."""
+        e = self.engine
+        if e.length + needed > e.context:
+            keep = max(1, min(e.length, e.context // 2, e.context - needed))
+            self._commit(e.slide(keep))
+
+    def _prefill(self, tokens: list[int]) -> None:
+        if tokens:
+            self._room(len(tokens))
+            self._commit(self.engine.prefill(tokens))
+
+    # ------------------------------------------------------------------ player side
+
+    def on_midi(self, t: float, msg: list[int]) -> None:
+        if not is_musical(msg):
+            return  # a mod-wheel sweep must not keep cancelling the answer being prepared
+        if self.awaiting is not None:
+            self.backlog.append((t, msg))
+            return
+        a = self.answer
+        if a is not None:
+            if t >= a.start and not _is_note_on(msg):
+                self.deferred.append((t, msg))  # a pedal lift during the answer is no reason to stop it
+                return
+            self.awaiting = a.gen
+            self.backlog.append((t, msg))
+            self.cancel(a.gen)
+            return
+        self._encode(t, msg)
+
+    def _encode(self, t: float, msg: list[int]) -> None:
+        tokens = self.enc.midi(msg, t)
+        status, d1, d2 = (msg[0] & 0xF0, msg[1], msg[2]) if len(msg) >= 3 else (0, 0, 0)
+        if status == codec.NOTE_ON_STATUS and d2 > 0:
+            self.keys_down.add(d1)
+            if self.phrase_start is None:
+                self.phrase_start = t
+        elif status in (codec.NOTE_OFF_STATUS, codec.NOTE_ON_STATUS):
+            self.keys_down.discard(d1)
+        elif status == codec.CC_STATUS and d1 in (codec.CC_ALL_NOTES_OFF, codec.CC_ALL_SOUND_OFF):
+            self.keys_down.clear()
+        if not tokens:  # e.g. the release of a key pressed before antiphon started
+            if self.answer is None and not self.keys_down and self.phrase_start is not None:
+                self._speculate()  # the phrase end it ends at is unchanged
+            return
+        self.last_event = t
+        self._prefill(tokens)
+        if not self.keys_down and self.phrase_start is not None:
+            self._speculate()
+
+    def on_heard(self, gen: int, index: int) -> None:
+        """The scheduler's account of answer `gen`: tokens up to `index` were sent (-1: none)."""
+        a = self.answer
+        if a is None or gen != a.gen:
+            return
+        t_cut = self.backlog[0][0] if self.backlog else a.start
+        if index < 0:
+            self.engine.rollback(self.committed)
+        else:
+            self.engine.rollback(a.base + index + 1)
+            self.enc.advance_to(a.start)
+            heard = absorb(self.enc, a.tokens[:index + 1], self.cfg.max_note_s)
+            closing: list[int] = []
+            for p in heard.sounding():  # the scheduler closed these when the player came in
+                self.enc.note_off(t_cut, p, closing)
+            if heard.sustain:
+                self.enc.pedal(t_cut, False, closing)
+            self._commit_after_answer(closing)
+            self.phrase_start = None  # the player's next note starts a new call
+            whole = a.done and index == len(a.tokens) - 1
+            self.log(f"answer {a.gen}: {a.notes} notes in {a.decoder.time:.2f} s"
+                     + ("" if whole else f", cut by the player after {t_cut - a.start:.2f} s"))
+        self.answer, self.awaiting = None, None
+        backlog, deferred = self.backlog, self.deferred
+        self.backlog, self.deferred = [], []
+        for t, msg in deferred + backlog:
+            self.on_midi(t, msg)
+
+    def _commit_after_answer(self, closing: list[int]) -> None:
+        if closing:
+            self._prefill(closing)
+        else:
+            # No new tokens: the cache ends on a heard token whose logits we did not keep.
+            last = int(self.engine.tokens[self.engine.length - 1])
+            self.engine.rollback(self.engine.length - 1)
+            self._commit(self.engine.prefill([last]))
+
+    # ------------------------------------------------------------------ answer side
+
+    def _speculate(self) -> None:
+        e = self.engine
+        call_s = max(self.last_event - (self.phrase_start or self.last_event), 0.0)
+        if e.length > e.context * 3 // 4:
+            self._commit(e.slide(e.context // 2))  # make room for the answer before it is due
+        spec_enc = clone_encoder(self.enc)
+        start = self.last_event + self.wait_s
+        prefix = spec_enc.advance_to(start)
+        self.gen += 1
+        logits = e.prefill(prefix) if prefix else self.logits
+        self.answer = Answer(self.gen, start, answer_seconds(call_s, self.cfg), prefix, e.length,
+                             codec.TokenDecoder(self.out_channel, self.cfg.max_note_s))
+        self.spec_logits = np.array(logits, dtype=np.float32)
+
+    def wants_work(self) -> bool:
+        return self.answer is not None and not self.answer.done and self.awaiting is None
+
+    def step(self) -> None:
+        """Generate one answer token and hand what it sounds like to the scheduler."""
+        a, e = self.answer, self.engine
+        if a is None or a.done:
+            return
+        dec = a.decoder
+        closing = dec.sounding()
+        if e.length + len(closing) + 2 >= e.context:
+            self._close(a)  # the window is full: end the answer here rather than slide mid-answer
+            return
+        mask = self.grammar_mask(dec, self._mask)
+        mask &= _OPENING if a.notes == 0 else _ANY  # the answer's length is ours to decide: no EOS
+        tok = int(self.sampler.sample(self.spec_logits, mask))
+        if V.TIME_SHIFT <= tok < V.VELOCITY:
+            left = round(a.seconds / V.STEP_S) - dec.step
+            if left <= 0:
+                self._close(a)
+                return
+            tok = V.time_shift(min(tok - V.TIME_SHIFT + 1, left))
+        self._feed(a, tok)
+        if dec.step * V.STEP_S >= a.seconds - 1e-9:
+            self._close(a)
+
+    def _feed(self, a: Answer, tok: int) -> None:
+        index = len(a.tokens)
+        items = []
+        for m in a.decoder.feed(tok):
+            kind = m.status & 0xF0
+            if kind == codec.NOTE_ON_STATUS:
+                self.note_id += 1
+                a.note_ids[m.data1] = self.note_id
+                a.notes += 1
+            nid = a.note_ids.get(m.data1, -1) if kind in (codec.NOTE_ON_STATUS, codec.NOTE_OFF_STATUS) else -1
+            items.append(Item(a.start + m.time, index, m.status, m.data1, m.data2, nid))
+        a.tokens.append(tok)
+        self.spec_logits = self.engine.decode(tok)
+        if items:
+            self.submit(a.gen, items)
+
+    def _close(self, a: Answer) -> None:
+        """Release every answer note at the answer's end, in the cache as in the output."""
+        for p in a.decoder.sounding():
+            self._feed(a, V.note_off(p))
+        if a.decoder.sustain:
+            self._feed(a, V.SUSTAIN_OFF)
+        a.done = True
+        self.answers += 1
+
+
+def is_musical(msg: list[int]) -> bool:
+    """What the model hears: notes, the sustain pedal, all-notes-off. Other controllers, pitch
+    bend and aftertouch are not in the vocabulary."""
+    if len(msg) < 3:
+        return False
+    kind = msg[0] & 0xF0
+    return kind in (codec.NOTE_ON_STATUS, codec.NOTE_OFF_STATUS) or (
+        kind == codec.CC_STATUS and msg[1] in (codec.CC_SUSTAIN, codec.CC_ALL_SOUND_OFF, codec.CC_ALL_NOTES_OFF))
+
+
+def _is_note_on(msg: list[int]) -> bool:
+    return len(msg) >= 3 and msg[0] & 0xF0 == codec.NOTE_ON_STATUS and msg[2] > 0
