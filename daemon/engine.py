@@ -19,7 +19,6 @@ import ctypes
 import ctypes.util
 import json
 import os
-from importlib import resources
 from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,7 +33,9 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def default_model_path() -> str:
-    path = Path(str(resources.files("antiphon.daemon") / "assets" / "default.onnx"))
+    # Beside this module, not importlib.resources: its reader fails on setuptools editable installs
+    # of this package-dir mapping (NotADirectoryError from MultiplexedPath).
+    path = Path(__file__).resolve().parent / "assets" / "default.onnx"
     if not path.is_file():
         raise UserError(f"no shipped model at {path}: pass --model MODEL.onnx "
                         "(make one with `antiphon train` then `antiphon export`)")
