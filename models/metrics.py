@@ -1,0 +1,134 @@
+"""Musical metrics of a response to a call, on token streams (numpy only, no model).
+
+Each number compares a response (generated, or the true continuation) with the call it answers:
+
+  key_agreement  share of response notes in the call's best-fitting major/minor scale
+                 (key found by Krumhansl–Kessler profile correlation, duration-weighted)
+  density_ratio  response notes/s over call notes/s
+  range_overlap  intersection over union of the call's and response's pitch ranges
+  closed         share of response NOTE_ONs that the response also releases
+  repetition     share of pitch-interval 4-grams that repeat an earlier one in the response
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from antiphon.daemon import codec
+from antiphon.daemon import vocab as V
+
+# Krumhansl & Kessler (1982) probe-tone profiles, tonic first.
+KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
+KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
+MAJOR_SCALE = (0, 2, 4, 5, 7, 9, 11)
+MINOR_SCALE = (0, 2, 3, 5, 7, 8, 10, 11)  # natural minor plus the raised leading tone of harmonic minor
+METRICS = ("key_agreement", "density_ratio", "range_overlap", "closed", "repetition")
+
+
+def notes_of(tokens: Sequence[int]) -> list[codec.Note]:
+    return [n for n in codec.decode_performance(list(tokens)).notes]
+
+
+def split_at(tokens: Sequence[int], seconds: float) -> int:
+    """Index of the first token at or after `seconds` of TIME_SHIFTs (len(tokens) if never)."""
+    steps, target = 0, round(seconds / V.STEP_S)
+    for i, t in enumerate(tokens):
+        if steps >= target:
+            return i
+        if V.TIME_SHIFT <= t < V.VELOCITY:
+            steps += t - V.TIME_SHIFT + 1
+    return len(tokens)
+
+
+def duration_s(tokens: Sequence[int]) -> float:
+    return V.STEP_S * sum(t - V.TIME_SHIFT + 1 for t in tokens if V.TIME_SHIFT <= t < V.VELOCITY)
+
+
+def best_key(notes: Sequence[codec.Note]) -> tuple[int, str, float]:
+    """(tonic pitch class, 'major'|'minor', correlation) of the best-fitting key profile."""
+    hist = np.zeros(12)
+    for n in notes:
+        hist[n.pitch % 12] += max(n.end - n.start, 0.05)  # duration-weighted, as Krumhansl–Schmuckler
+    if not hist.any():
+        return 0, "major", 0.0
+    best = (0, "major", -2.0)
+    for mode, profile in (("major", KK_MAJOR), ("minor", KK_MINOR)):
+        for tonic in range(12):
+            r = float(np.corrcoef(hist, np.roll(profile, tonic))[0, 1])
+            if np.isfinite(r) and r > best[2]:
+                best = (tonic, mode, r)
+    return best
+
+
+def key_agreement(call: Sequence[codec.Note], response: Sequence[codec.Note]) -> float:
+    if not response:
+        return float("nan")
+    tonic, mode, _ = best_key(call)
+    scale = {(tonic + d) % 12 for d in (MAJOR_SCALE if mode == "major" else MINOR_SCALE)}
+    return float(np.mean([n.pitch % 12 in scale for n in response]))
+
+
+def range_overlap(call: Sequence[codec.Note], response: Sequence[codec.Note]) -> float:
+    if not call or not response:
+        return float("nan")
+    a = (min(n.pitch for n in call), max(n.pitch for n in call))
+    b = (min(n.pitch for n in response), max(n.pitch for n in response))
+    inter = max(0, min(a[1], b[1]) - max(a[0], b[0]) + 1)
+    return inter / (max(a[1], b[1]) - min(a[0], b[0]) + 1)
+
+
+def closed_share(response_tokens: Sequence[int]) -> float:
+    """Share of the response's NOTE_ONs released within it (a re-strike counts as a release)."""
+    open_at: dict[int, int] = {}
+    struck = closed = 0
+    for t in response_tokens:
+        if V.NOTE_ON <= t < V.NOTE_OFF:
+            p = t - V.NOTE_ON
+            struck += 1
+            closed += p in open_at
+            open_at[p] = 1
+        elif V.NOTE_OFF <= t < V.TIME_SHIFT and (t - V.NOTE_OFF) in open_at:
+            del open_at[t - V.NOTE_OFF]
+            closed += 1
+    return closed / struck if struck else float("nan")
+
+
+def repetition(notes: Sequence[codec.Note], n: int = 4) -> float:
+    """Share of interval n-grams (onset order) already seen earlier in the same response."""
+    pitches = [x.pitch for x in sorted(notes, key=lambda x: (x.start, x.pitch))]
+    intervals = np.diff(pitches)
+    grams = [tuple(intervals[i:i + n]) for i in range(len(intervals) - n + 1)]
+    if not grams:
+        return float("nan")
+    seen: set[tuple] = set()
+    repeats = 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams)
+
+
+def phrase_metrics(call_tokens: Sequence[int], response_tokens: Sequence[int],
+                   call_s: float, response_s: float) -> dict[str, float]:
+    call, resp = notes_of(call_tokens), notes_of(response_tokens)
+    call_density = len(call) / max(call_s, 1e-6)
+    density = len(resp) / max(response_s, 1e-6)
+    return {
+        "key_agreement": key_agreement(call, resp),
+        "density_ratio": density / call_density if call_density else float("nan"),
+        "range_overlap": range_overlap(call, resp),
+        "closed": closed_share(response_tokens),
+        "repetition": repetition(resp),
+    }
+
+
+def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over phrases, ignoring undefined (NaN) values."""
+    out = {}
+    for m in METRICS:
+        vals = np.array([r[m] for r in rows], dtype=float)
+        vals = vals[np.isfinite(vals)]
+        out[m] = float(vals.mean()) if vals.size else float("nan")
+    return out

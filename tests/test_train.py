@@ -1,0 +1,151 @@
+"""`antiphon train` on a tiny real corpus: learning, exact resume, DDP on gloo, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from antiphon.daemon import cli
+from antiphon.daemon import vocab as V
+from antiphon.models.checkpoint import load_model
+from antiphon.models.data import transpose
+from antiphon.models.shards import write_split
+
+TINY = ["--n-layer", "2", "--n-head", "2", "--d-model", "64", "--context", "128", "--seq-len", "64",
+        "--batch-size", "8", "--eval-batches", "2", "--warmup-steps", "5", "--lr", "0.003", "--threads", "1",
+        "--device", "cpu"]
+
+
+def chorale_docs(n: int) -> list[list[int]]:
+    """Bach chorales from the music21 corpus, played at 120 bpm, through the real codec."""
+    from music21 import corpus
+
+    from antiphon.daemon import codec
+
+    docs = []
+    for path in sorted(corpus.getComposer("bach"))[:n]:
+        notes = [codec.Note(p.midi, float(x.offset) * 0.5, float(x.offset + x.quarterLength) * 0.5, 80)
+                 for x in corpus.parse(path).flatten().notes for p in x.pitches]
+        docs.append(codec.encode_performance(codec.Performance(notes, [])))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """12 chorales and a real performance (about 9k tokens): train 9 chorales + the performance,
+    valid_perf 1 chorale, valid_score 2 chorales. About 2 s."""
+    from antiphon.daemon import codec
+
+    docs = chorale_docs(12)
+    perf = codec.encode_file(Path(__file__).parent / "data" / "satie_gymnopedie1_hannds.mid")
+    root = tmp_path_factory.mktemp("corpus")
+    write_split(root, "train", docs[:9] + [perf])
+    write_split(root, "valid_perf", docs[9:10])
+    write_split(root, "valid_score", docs[10:])
+    return root
+
+
+def train(capsys, *argv: str) -> int:
+    rc = cli.main(["train", *argv])
+    capsys.readouterr()
+    return rc
+
+
+def log_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_and_writes_run(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(capsys, "--data", str(corpus_dir), "--out", str(out), "--steps", "60", "--eval-every", "30",
+                 *TINY) == 0
+    evals = [r for r in log_rows(out) if "valid_score" in r]
+    assert [r["step"] for r in evals] == [0, 30, 60]
+    assert evals[-1]["valid_score"] < evals[0]["valid_score"] - 1.0  # from ~ln(391)=5.97 to well below
+    assert evals[-1]["valid_perf"] < evals[0]["valid_perf"]
+    _, cfg, meta = load_model(out / "best.pt")
+    assert cfg.vocab_size == V.VOCAB_SIZE and meta["step"] == 60 and "optimizer" not in meta
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_is_exact(corpus_dir, tmp_path, capsys):
+    args = ["--data", str(corpus_dir), "--steps", "16", "--eval-every", "100", "--dropout", "0.1", *TINY]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(capsys, *args, "--out", str(straight)) == 0
+    assert train(capsys, *args, "--out", str(resumed), "--stop-at", "8") == 0
+    half = torch.load(resumed / "last.pt", weights_only=True)
+    assert half["step"] == 8
+    # Resume with no configuration flags: everything must come from the checkpoint.
+    assert train(capsys, "--out", str(resumed), "--data", str(corpus_dir), "--resume") == 0
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(resumed / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 16
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["valid"] == b["valid"]
+    losses = lambda out: [(r["step"], r["train_loss"]) for r in log_rows(out) if "train_loss" in r]
+    assert losses(straight) == losses(resumed) and len(losses(straight)) == 16
+
+
+def test_ddp_two_processes_on_gloo(corpus_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "antiphon.daemon.cli", "train", "--data", str(corpus_dir), "--out", str(out),
+         "--steps", "30", "--eval-every", "30", *TINY],
+        capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, _, meta = load_model(out / "last.pt")
+    assert meta["step"] == 30 and meta["tokens_seen"] == 30 * 8 * 64 * 2  # two ranks' batches per step
+    evals = [r for r in log_rows(out) if "valid_score" in r]
+    assert evals[-1]["valid_score"] < evals[0]["valid_score"] - 0.5
+
+
+def test_resume_refuses_other_vocabulary_and_keeps_checkpoint(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(capsys, "--data", str(corpus_dir), "--out", str(out), "--steps", "2", "--eval-every", "2",
+                 *TINY) == 0
+    assert cli.main(["train", "--data", str(corpus_dir), "--out", str(out), "--resume", "--d-model", "32"]) == 2
+    assert "cannot change the model's shape" in capsys.readouterr().err
+    ck = torch.load(out / "last.pt", weights_only=True)
+    ck["vocab"]["time_step_ms"] = 20  # as if trained by a version with a coarser time grid
+    torch.save(ck, out / "last.pt")
+    before = (out / "last.pt").read_bytes()
+    assert cli.main(["train", "--data", str(corpus_dir), "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "different token vocabulary" in err and "time_step_ms" in err
+    assert (out / "last.pt").read_bytes() == before
+    # Without --resume an existing run is not overwritten either.
+    assert cli.main(["train", "--data", str(corpus_dir), "--out", str(out), *TINY]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_missing_and_corrupt_data_dir(corpus_dir, tmp_path, capsys):
+    assert cli.main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "a"), *TINY]) == 2
+    assert "no 'train' split" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in corpus_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "train.bin").write_bytes((corpus_dir / "train.bin").read_bytes()[:1000])  # a half-written file
+    assert cli.main(["train", "--data", str(broken), "--out", str(tmp_path / "b"), *TINY]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "last.pt").exists()
+
+
+def test_transpose_shifts_notes_only_and_stays_on_keyboard():
+    rng = np.random.default_rng(0)
+    row = [V.BOS, V.note_on(60), V.time_shift(10), V.note_off(60), V.velocity(90), V.note_on(125), V.EOS]
+    out = transpose(np.array([row] * 200), rng)
+    shifts = out[:, 1] - row[1]
+    assert set(np.unique(shifts)) == set(range(-6, 3))  # 125 + 2 = 127 is the top of the keyboard
+    assert (out[:, 3] - row[3] == shifts).all() and (out[:, 5] - row[5] == shifts).all()
+    assert (out[:, [0, 2, 4, 6]] == np.array(row)[[0, 2, 4, 6]]).all()
