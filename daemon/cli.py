@@ -106,6 +106,9 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-files", type=int, default=0, help="evaluate at most this many files (0: all)")
     p.add_argument("--phrases", type=int, default=32, help="held-out phrases for the musical metrics (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for the musical metrics")
+    p.add_argument("--temperature", type=float, default=JamConfig.temperature,
+                   help="sampling temperature of the metrics' responses (default: jam's)")
+    p.add_argument("--top-p", type=float, default=JamConfig.top_p, help="nucleus mass of the responses (default: jam's)")
     p.add_argument("--markov-order", type=int, default=4,
                    help="longest context of the Markov baseline (4 scored best on valid_score; longer overfits)")
     p.add_argument("--markov-discount", type=float, default=0.95,

@@ -90,8 +90,8 @@ class JamConfig:
     out_port: str = _f("", "connect to an existing output port by index or name substring (empty: virtual 'out')")
     in_channel: int = _f(0, "listen on this MIDI channel 1-16 (0: all channels)")
     out_channel: int = _f(1, "answer on this MIDI channel 1-16")
-    temperature: float = _f(1.0, "sampling temperature")
-    top_p: float = _f(0.95, "nucleus sampling mass")
+    temperature: float = _f(0.85, "pitch temperature: lower stays closer to the call's key (timing is never cooled)")
+    top_p: float = _f(0.9, "nucleus mass of the pitch choice")
     wait_ms: int = _f(400, "ms of silence, no key down, after the player's last event that end a phrase")
     answer_min_s: float = _f(1.0, "shortest answer in seconds")
     answer_max_s: float = _f(12.0, "longest answer in seconds")
@@ -103,6 +103,7 @@ class JamConfig:
     record: str = _f("", "folder to record sessions into as MIDI files (empty: no recording)")
     midi_clock: bool = _f(True, "follow MIDI clock, start/stop and song position from the input port when sent")
     beats_per_bar: int = _f(4, "beats per bar of the DAW's song, for bar-aligned timing under MIDI clock")
+    sync_to: str = _f("beat", "under MIDI clock the answer starts on the next 'beat' or 'bar' after the phrase end")
     quantize: int = _f(0, "snap answer note onsets to 1/N notes while following MIDI clock (0: off; e.g. 16)")
     cc_temperature: int = _f(21, "CC that sets the temperature: 0-127 to 0.2-2.0 on a log scale, 89 = 1.0 (-1: none)")
     cc_length: int = _f(22, "CC that sets answer_scale: 0-127 to 0.25-4.0 on a log scale, 64 = 1.0 (-1: none)")
@@ -114,6 +115,7 @@ class JamConfig:
                                      "(a DAW's MIDI thru) and is ignored (0: off)")
     inbox_size: int = _f(4096, "MIDI input messages that may wait to be handled; more are dropped and counted")
     quiet: bool = _f(False, "no status output")
+    stats: bool = _f(False, "print answer-note send latency percentiles when the jam ends")
     trace: str = _f("", "file to log every sent message's due and send times to (for `antiphon bench --live`)")
 
 

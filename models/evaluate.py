@@ -168,13 +168,14 @@ def phrases(docs: list[list[int]], n: int) -> list[tuple[list[int], list[int]]]:
     return out[:n]
 
 
-def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, seed: int) -> dict:
+def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, seed: int,
+                    temperature: float = 1.0, top_p: float = 0.95) -> dict:
     rows: dict[str, list] = {"model": [], "baseline": [], "truth": []}
     pairs = phrases(docs, n)
     for i, (call, truth) in enumerate(pairs):
         prompt = [V.BOS] + call
-        model_out = generate(lm_sampler(lm, prompt), prompt, RESPONSE_S, Sampler(seed + i, 1.0, 0.95))
-        base_out = generate(markov_sampler(baseline, prompt), prompt, RESPONSE_S, Sampler(seed + i, 1.0, 0.95))
+        model_out = generate(lm_sampler(lm, prompt), prompt, RESPONSE_S, Sampler(seed + i, temperature, top_p))
+        base_out = generate(markov_sampler(baseline, prompt), prompt, RESPONSE_S, Sampler(seed + i, temperature, top_p))
         for name, resp in (("model", model_out), ("baseline", base_out), ("truth", truth)):
             rows[name].append(M.phrase_metrics(call, resp, CALL_S, RESPONSE_S))
     means = {name: M.summarize(r) for name, r in rows.items()}
@@ -235,7 +236,7 @@ def main(args) -> int:
     result["ratio"] = result["model_nll"] / result["baseline_nll"] if result["baseline_nll"] > 0 else math.inf
     if args.phrases > 0:
         log(f"generating responses to up to {args.phrases} phrases")
-        result["metrics"] = musical_metrics(lm, baseline, docs, args.phrases, args.seed)
+        result["metrics"] = musical_metrics(lm, baseline, docs, args.phrases, args.seed, args.temperature, args.top_p)
     if args.json:
         print(json.dumps(_finite(result), indent=2))
         return 0

@@ -133,7 +133,21 @@ def test_sampler_is_seeded_and_honours_temperature_top_p_and_mask():
     assert [s1.sample(logits) for _ in range(50)] == [s2.sample(logits) for _ in range(50)]
     assert len(set(a)) == 1
     assert Sampler(0, 0.0, 1.0).sample(logits) == V.VOCAB_SIZE - 1
-    assert Sampler(0, 1.0, 1e-6).sample(logits) == V.VOCAB_SIZE - 1  # nucleus of one token
+    only_notes = np.zeros(V.VOCAB_SIZE, bool)
+    only_notes[V.NOTE_ON:V.NOTE_OFF] = True
+    assert Sampler(0, 1.0, 1e-6).sample(logits, only_notes) == V.NOTE_OFF - 1  # nucleus of one token
+
+
+def test_sampler_keeps_the_models_odds_of_each_event_kind_at_any_temperature():
+    """Cooling the sampler sharpens pitch choice but must not starve the 100-bin TIME_SHIFT range."""
+    logits = np.full(V.VOCAB_SIZE, -30.0)
+    logits[V.note_on(60)] = 0.0  # one likely note ...
+    logits[V.TIME_SHIFT:V.VELOCITY] = np.log(1.0 / 100)  # ... and as much mass spread over every shift
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.9), (0.3, 0.5)):
+        s = Sampler(11, temperature, top_p)
+        draws = [s.sample(logits) for _ in range(2000)]
+        shifts = sum(V.TIME_SHIFT <= t < V.VELOCITY for t in draws) / len(draws)
+        assert 0.45 < shifts < 0.55, (temperature, top_p, shifts)
     mask = np.zeros(V.VOCAB_SIZE, bool)
     mask[[10, 20]] = True
     draws = {Sampler(i, 5.0, 1.0).sample(logits, mask) for i in range(40)}
