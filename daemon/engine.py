@@ -32,10 +32,13 @@ GQA, PORTABLE = "gqa/bhsd-v1", "past-new/bthd-v1"  # must match antiphon.export'
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+# Beside this module, not importlib.resources: its reader fails on setuptools editable installs
+# of this package-dir mapping (NotADirectoryError from MultiplexedPath).
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
 def default_model_path() -> str:
-    # Beside this module, not importlib.resources: its reader fails on setuptools editable installs
-    # of this package-dir mapping (NotADirectoryError from MultiplexedPath).
-    path = Path(__file__).resolve().parent / "assets" / "default.onnx"
+    path = ASSETS / "default.onnx"
     if not path.is_file():
         raise UserError(f"no shipped model at {path}: pass --model MODEL.onnx "
                         "(make one with `antiphon train` then `antiphon export`)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -111,9 +112,17 @@ def test_corrupt_missing_and_foreign_files_are_user_errors(tmp_path):
 
 
 def test_missing_default_model_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setattr(engine_mod.resources, "files", lambda package: tmp_path)
+    monkeypatch.setattr(engine_mod, "ASSETS", tmp_path)
     with pytest.raises(UserError, match="--model"):
         engine_mod.default_model_path()
+
+
+def test_the_shipped_default_model_loads_and_speaks_this_vocabulary():
+    engine = Engine(None, threads=1, log=lambda s: None)
+    assert Path(engine.model_path).name == "default.onnx"
+    assert engine.context == 1024 and engine.vocab_size == V.VOCAB_SIZE
+    logits = engine.prefill([V.BOS, V.VELOCITY + 20, V.note_on(60), V.time_shift(30), V.note_off(60)])
+    assert logits.shape == (V.VOCAB_SIZE,) and np.isfinite(logits).all()
 
 
 def test_engine_logs_one_line_and_imports_without_torch(tiny_model):
