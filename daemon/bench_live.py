@@ -194,9 +194,9 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main(args: Any) -> int:
-    from antiphon.daemon.engine import default_model_path
+    from antiphon.daemon.engine import runtime_default_model
 
-    model = getattr(args, "model", "") or default_model_path()
+    model = getattr(args, "model", "") or runtime_default_model()
     as_json = getattr(args, "json", False)
     log = (lambda s: None) if as_json else (lambda s: print(f"... {s}", file=sys.stderr, flush=True))
     r = run(model, getattr(args, "quick", False), log)

@@ -37,12 +37,18 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
-def default_model_path() -> str:
-    path = ASSETS / "default.onnx"
+def default_model_path(int8: bool = False) -> str:
+    path = ASSETS / ("default.int8.onnx" if int8 else "default.onnx")
     if not path.is_file():
         raise UserError(f"no shipped model at {path}: pass --model MODEL.onnx "
                         "(make one with `antiphon train` then `antiphon export`)")
     return str(path)
+
+
+def runtime_default_model() -> str:
+    """What jam and continue run when no --model is given: int8 on CPU (same held-out NLL as fp32,
+    3.1064 vs 3.1063 nats/token, and 30 % faster per token), fp32 where a GPU is present."""
+    return default_model_path(int8=not cuda_device_present())
 
 
 def cuda_device_present() -> bool:
@@ -117,7 +123,7 @@ class Engine:
 
     def __init__(self, model_path: str | None = None, threads: int = 1, providers: list[str] | None = None,
                  log: Callable[[str], None] = print):
-        self.model_path = model_path or default_model_path()
+        self.model_path = model_path or runtime_default_model()
         self.session = _session(self.model_path, threads, providers, log)
         self.meta = _parse_meta(self.session, self.model_path)
         self.layout: str = self.meta["kv_layout"]
