@@ -254,8 +254,13 @@ class TokenEncoder:
 
 
 def encode_events(events: Iterable[Event]) -> list[int]:
+    events = list(events)
     enc = TokenEncoder()
     out: list[int] = []
+    if events:
+        # Canonical order is by step, then kind: the first event need not be the earliest, and
+        # the grid must start where to_events started it.
+        enc.origin = min(e.time for e in events)
     for e in events:
         enc.event(e, out)
     return out

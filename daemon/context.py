@@ -57,8 +57,13 @@ def absorb(enc: codec.TokenEncoder, tokens: list[int], max_note_s: float) -> cod
     return dec
 
 
-def answer_seconds(call_s: float, cfg: JamConfig) -> float:
-    return min(max(call_s * cfg.answer_scale, cfg.answer_min_s), cfg.answer_max_s)
+def answer_seconds(call_s: float, cfg: JamConfig, scale: float | None = None) -> float:
+    """`scale`: the live answer_scale (a knob may have moved it); cfg's when None."""
+    return min(max(call_s * (cfg.answer_scale if scale is None else scale), cfg.answer_min_s), cfg.answer_max_s)
+
+
+def _same(t: float) -> float:
+    return t
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Answer:
     decoder: codec.TokenDecoder
     tokens: list[int] = field(default_factory=list)
     note_ids: dict[int, int] = field(default_factory=dict)
+    shifts: dict[int, float] = field(default_factory=dict)  # pitch -> how far quantizing moved its note-on
     notes: int = 0
     done: bool = False
 
@@ -82,7 +88,16 @@ class Conversation:
 
     def __init__(self, engine: Any, sampler: Any, grammar_mask: Callable, cfg: JamConfig,
                  submit: Callable[[int, list[Item]], None], cancel: Callable[[int], None],
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, align: Callable[[float], float] = _same,
+                 snap: Callable[[float], float] = _same) -> None:
+        """`align`: where an answer planned to start at t really starts (the next beat under MIDI
+        clock); `snap`: where an answer note-on due at t is played (quantization). Both default to t."""
+        self.align, self.snap = align, snap
+        self.answer_scale = cfg.answer_scale  # live controls change these two
+        self.enabled = True
+        self.end_at: float | None = None  # a requested phrase end, applied once the cancelled speculation is back
+        self.cut_at: float | None = None  # when a control (not a player note) stopped the answer
+        self.replaying = False  # on_heard is replaying held-back input
         self.engine, self.sampler, self.grammar_mask, self.cfg = engine, sampler, grammar_mask, cfg
         self.submit, self.cancel, self.log = submit, cancel, log
         self.wait_s = cfg.wait_ms / 1000.0
@@ -151,12 +166,12 @@ class Conversation:
         elif status == codec.CC_STATUS and d1 in (codec.CC_ALL_NOTES_OFF, codec.CC_ALL_SOUND_OFF):
             self.keys_down.clear()
         if not tokens:  # e.g. the release of a key pressed before antiphon started
-            if self.answer is None and not self.keys_down and self.phrase_start is not None:
+            if self.answer is None and not self.keys_down and self.phrase_start is not None and not self.replaying:
                 self._speculate()  # the phrase end it ends at is unchanged
             return
         self.last_event = t
         self._prefill(tokens)
-        if not self.keys_down and self.phrase_start is not None:
+        if not self.keys_down and self.phrase_start is not None and not self.replaying:
             self._speculate()
 
     def on_heard(self, gen: int, index: int) -> None:
@@ -164,7 +179,8 @@ class Conversation:
         a = self.answer
         if a is None or gen != a.gen:
             return
-        t_cut = self.backlog[0][0] if self.backlog else a.start
+        t_cut = self.backlog[0][0] if self.backlog else max(self.cut_at or a.start, a.start)
+        self.cut_at = None
         if index < 0:
             self.engine.rollback(self.committed)
         else:
@@ -179,13 +195,73 @@ class Conversation:
             self._commit_after_answer(closing)
             self.phrase_start = None  # the player's next note starts a new call
             whole = a.done and index == len(a.tokens) - 1
-            self.log(f"answer {a.gen}: {a.notes} notes in {a.decoder.time:.2f} s"
+            self.log(f"answer {a.gen}: {a.notes} notes in {a.decoder.time:.2f} s, temperature "
+                     f"{self.sampler.temperature:.2f}"
                      + ("" if whole else f", cut by the player after {t_cut - a.start:.2f} s"))
         self.answer, self.awaiting = None, None
         backlog, deferred = self.backlog, self.deferred
         self.backlog, self.deferred = [], []
-        for t, msg in deferred + backlog:
-            self.on_midi(t, msg)
+        # Replayed input is already in the past: a phrase end followed by more of it is no phrase
+        # end. Speculating there would start (and at once cancel) an answer per event, and a flood
+        # would replay its whole backlog once per event.
+        events = deferred + backlog
+        self.replaying = True
+        try:
+            for i, (t, msg) in enumerate(events):
+                self.replaying = i < len(events) - 1
+                self.on_midi(t, msg)
+        finally:
+            self.replaying = False
+        end_at, self.end_at = self.end_at, None
+        if end_at is not None and self._may_answer():
+            self._speculate(end_at)
+
+    def check_held(self, now: float) -> None:
+        """Keys down with no player event for max_note_s are taken as released: under a flood or
+        xruns JACK can lose a note-off, and one lost note-off must not stop antiphon answering."""
+        if not self.keys_down or self.answer is not None or self.awaiting is not None:
+            return
+        if now - self.last_event < self.cfg.max_note_s:
+            return
+        stuck = sorted(self.keys_down)
+        self.log(f"input: keys {stuck} held {now - self.last_event:.1f} s with no other event; taking them as "
+                 "released (a lost note-off?)")
+        for p in stuck:
+            self._encode(now, [codec.NOTE_OFF_STATUS, p, 0])
+
+    # ------------------------------------------------------------------ live controls
+
+    def _may_answer(self) -> bool:
+        return self.answer is None and self.awaiting is None and not self.keys_down and self.phrase_start is not None
+
+    def cancel_answer(self, t: float) -> None:
+        """Stop the current answer (or the one being prepared) for a control, not a player note:
+        the call it answered is over, and the cache keeps what was heard, cut at t."""
+        a = self.answer
+        self.end_at = None
+        if a is None:
+            self.phrase_start = None  # a phrase under way when answering stopped is not answered later
+            return
+        if self.awaiting is not None:
+            return
+        self.awaiting, self.cut_at = a.gen, t
+        self.phrase_start = None  # when nothing of it sounded, on_heard leaves this alone: no re-answer
+        self.cancel(a.gen)
+
+    def end_call(self, t: float) -> None:
+        """The player says the call is over at t: answer from t, without waiting wait_ms."""
+        if not self.enabled or self.phrase_start is None:
+            return
+        a = self.answer
+        if a is None:
+            if self.awaiting is None:
+                self.keys_down.clear()  # a foot switch ends the call even over held keys
+                self._speculate(t)
+            return
+        if a.start <= t or self.awaiting is not None:
+            return  # already answering
+        self.awaiting, self.end_at = a.gen, t  # re-plan once the scheduler has dropped the speculation
+        self.cancel(a.gen)
 
     def _commit_after_answer(self, closing: list[int]) -> None:
         if closing:
@@ -198,17 +274,19 @@ class Conversation:
 
     # ------------------------------------------------------------------ answer side
 
-    def _speculate(self) -> None:
+    def _speculate(self, at: float | None = None) -> None:
+        if not self.enabled:
+            return
         e = self.engine
         call_s = max(self.last_event - (self.phrase_start or self.last_event), 0.0)
         if e.length > e.context * 3 // 4:
             self._commit(e.slide(e.context // 2))  # make room for the answer before it is due
         spec_enc = clone_encoder(self.enc)
-        start = self.last_event + self.wait_s
+        start = self.align(self.last_event + self.wait_s if at is None else max(at, self.last_event))
         prefix = spec_enc.advance_to(start)
         self.gen += 1
         logits = e.prefill(prefix) if prefix else self.logits
-        self.answer = Answer(self.gen, start, answer_seconds(call_s, self.cfg), prefix, e.length,
+        self.answer = Answer(self.gen, start, answer_seconds(call_s, self.cfg, self.answer_scale), prefix, e.length,
                              codec.TokenDecoder(self.out_channel, self.cfg.max_note_s))
         self.spec_logits = np.array(logits, dtype=np.float32)
 
@@ -247,8 +325,15 @@ class Conversation:
                 self.note_id += 1
                 a.note_ids[m.data1] = self.note_id
                 a.notes += 1
+            due = a.start + m.time
+            if kind == codec.NOTE_ON_STATUS and m.data2 > 0:
+                snapped = self.snap(due)
+                a.shifts[m.data1] = snapped - due
+                due = snapped
+            elif kind in (codec.NOTE_OFF_STATUS, codec.NOTE_ON_STATUS):
+                due += a.shifts.get(m.data1, 0.0)  # the note keeps its length
             nid = a.note_ids.get(m.data1, -1) if kind in (codec.NOTE_ON_STATUS, codec.NOTE_OFF_STATUS) else -1
-            items.append(Item(a.start + m.time, index, m.status, m.data1, m.data2, nid))
+            items.append(Item(due, index, m.status, m.data1, m.data2, nid))
         a.tokens.append(tok)
         self.spec_logits = self.engine.decode(tok)
         if items:

@@ -11,6 +11,10 @@ scheduler wake-up, whatever the engine is doing (a decode, or a slide's long pre
 the engine always learns how much of its answer was heard *before* it sees the player's note.
 Queues are SimpleQueues: no locks of ours on the hot path. Every way out (signal, exception in
 any thread) ends in the scheduler's panic, before the ports close.
+
+What the DAW adds (MIDI clock, live CCs, echo of our own output, recording, a bounded inbox) is
+glued in by studio.py: which thread calls which of those modules, in which order. The main
+thread only waits, logs warnings and draws the status line (status.py).
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from antiphon.daemon import codec
 from antiphon.daemon.clock import MonotonicClock
 from antiphon.daemon.config import JamConfig
 from antiphon.daemon.context import is_musical
@@ -50,6 +53,8 @@ def check_config(cfg: JamConfig) -> None:
         problems.append("--temperature must be >= 0")
     if not 0 < cfg.answer_min_s <= cfg.answer_max_s:
         problems.append("need 0 < --answer-min-s <= --answer-max-s")
+    if cfg.sync_to not in ("beat", "bar"):
+        problems.append(f"--sync-to {cfg.sync_to!r}: use beat or bar")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -85,18 +90,21 @@ class Jam:
         self.engine_q: queue.SimpleQueue = queue.SimpleQueue()
         self.stopping = stopping or threading.Event()
         self.error: BaseException | None = None
-        put, now = self.sched_q.put, self.clock.now
+        from antiphon.daemon.studio import Studio
 
-        def on_midi(event: tuple, _data: Any = None) -> None:
-            put(("input", now(), event[0]))  # timestamp and enqueue: all the callback may do
+        # Before the ports: a recovered recording is reported, and the callback needs the inbox.
+        self.studio = Studio(cfg, self.clock, log)
+        on_midi = self.studio.callback(self.sched_q.put)  # timestamp, admit, enqueue: all it may do
 
         # Ports first: a wrong port name fails in milliseconds, before the model loads. Input that
         # arrives before the threads start waits in the queue with its true timestamp.
         self.midi_out, self.out_name = ports.open_output(cfg.api, cfg.client_name, cfg.out_port)
         try:
-            self.midi_in, self.in_name = ports.open_input(cfg.api, cfg.client_name, cfg.in_port, on_midi)
+            self.midi_in, self.in_name = ports.open_input(cfg.api, cfg.client_name, cfg.in_port, on_midi,
+                                                          clock=cfg.midi_clock)
             self._build(cfg, log)
         except BaseException:
+            self.studio.close()
             for port in (getattr(self, "midi_in", None), self.midi_out):
                 if port is not None:
                     ports.release(port)
@@ -109,15 +117,19 @@ class Jam:
         from antiphon.daemon.sampling import Sampler, grammar_mask
         from antiphon.daemon.scheduler import Scheduler
 
+        self.was_active = False  # the scheduler's, last idle wake-up: an answer's end is a durable point
         self.watch = ports.OutputWatch(self.midi_out, self.out_name if cfg.out_port else "")
         self.trace_file = open(cfg.trace, "w", buffering=1 << 16) if cfg.trace else None  # noqa: SIM115
-        self.scheduler = Scheduler(self.midi_out.send_message, self.clock, cfg.late_drop_ms,
-                                   cfg.out_channel - 1, log, self._trace if self.trace_file else None)
+        studio = self.studio
+        self.scheduler = Scheduler(studio.send(self.midi_out.send_message), self.clock, cfg.late_drop_ms,
+                                   cfg.out_channel - 1, log, self._trace)
+        studio.scheduler, studio.to_engine = self.scheduler, self.engine_q.put
         # The engine (ORT session, first prefill) is built before any real-time thread starts.
         engine = Engine(cfg.model or None, threads=cfg.threads, log=lambda s: None)
         self.model_desc = f"{engine.model_path} (context {engine.context})"
         self.conv = Conversation(engine, Sampler(cfg.seed, cfg.temperature, cfg.top_p), grammar_mask, cfg,
-                                 self._submit, self._cancel, log)
+                                 self._submit, self._cancel, log,
+                                 align=studio.align, snap=studio.snap)
         self._warm_up(engine)
 
     def _warm_up(self, engine: Any) -> None:
@@ -130,7 +142,9 @@ class Jam:
     # ------------------------------------------------------------------ queue plumbing
 
     def _trace(self, due: float, sent: float, msg: list[int]) -> None:
-        self.trace_file.write(f"{due:.6f} {sent:.6f} {msg[0]} {msg[1]} {msg[2]}\n")
+        self.studio.on_sent(due, sent, msg)
+        if self.trace_file is not None:
+            self.trace_file.write(f"{due:.6f} {sent:.6f} {msg[0]} {msg[1]} {msg[2]}\n")
 
     def _submit(self, gen: int, items: list) -> None:
         self.sched_q.put(("submit", gen, items))
@@ -142,19 +156,14 @@ class Jam:
         self.engine_q.put(("heard", result[0], result[1]))
 
     def _route(self, cmd: tuple) -> None:
-        """Scheduler thread: a player message. A struck key silences the answer right here."""
-        _, t, msg = cmd
-        if not listens_to(msg, self.cfg.in_channel):
-            return
-        kind = msg[0] & 0xF0
-        struck = kind == codec.NOTE_ON_STATUS and msg[2] > 0
-        # A DAW sends all-notes-off / all-sound-off when its transport stops: antiphon stops too.
-        silenced = kind == codec.CC_STATUS and msg[1] in (codec.CC_ALL_NOTES_OFF, codec.CC_ALL_SOUND_OFF)
-        if (struck or silenced) and self.scheduler.active():
-            self.scheduler.stop()
-        self.engine_q.put(("midi", t, msg))
+        """Scheduler thread: a player message (see Studio.route; a struck key silences the answer there)."""
+        self.studio.route(cmd)
 
     def _on_idle(self) -> None:
+        active = self.scheduler.active()
+        if self.was_active and not active:
+            self.studio.phrase_end(self.clock.now())  # an answer finished sounding: a durable point
+        self.was_active = active
         if self.watch.check():
             self.log(f"output {self.out_name} is back: sending note-offs")
             # JACK makes a new connection live a few cycles later; what is sent before is lost.
@@ -181,11 +190,18 @@ class Jam:
                 item = q.get_nowait() if conv.wants_work() else q.get(timeout=0.1)
             except queue.Empty:
                 conv.step()
+                if not conv.wants_work():
+                    conv.check_held(self.clock.now())  # at most every 0.1 s, when idle
                 continue
             if item[0] == "midi":
+                self.studio.engine_taken += 1
                 conv.on_midi(item[1], item[2])
+            elif item[0] == "control":
+                self.studio.engine_taken += 1
+                self.studio.apply(conv, item[1])
             else:
                 conv.on_heard(item[1], item[2])
+            self.studio.held = len(conv.backlog)
 
     def _scheduler_loop(self) -> None:
         raise_priority()
@@ -197,10 +213,16 @@ class Jam:
         for th in threads:
             th.daemon = True
             th.start()
+        from antiphon.daemon.status import StatusLine
+
+        status = StatusLine(enabled=not self.cfg.quiet)
         try:
             while not self.stopping.wait(0.2):
-                pass
+                now = self.clock.now()
+                self.studio.housekeeping(now)
+                status.show(self.studio, self.conv, self.scheduler.active(), now)
         finally:
+            status.stop()
             self.stopping.set()
             self.sched_q.put(("quit",))  # the scheduler panics on its way out
             for th in threads:
@@ -216,6 +238,9 @@ class Jam:
         time.sleep(FLUSH_S)
         release(self.midi_in)
         release(self.midi_out)
+        self.studio.close()  # after the threads: every sent message is in the recorder's queue
+        if self.cfg.stats:
+            print(self.studio.stats(), file=sys.stderr, flush=True)
         if self.trace_file is not None:
             self.trace_file.close()
 
@@ -228,8 +253,6 @@ def main(args: Any) -> int:
     # The rtmidi callback runs on JACK's real-time thread and must take the GIL: hand it over often.
     sys.setswitchinterval(0.0005)
     log = (lambda s: None) if cfg.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    if cfg.record:
-        log("jam: --record is accepted but not wired into jam yet; nothing will be written")
     stopping = threading.Event()
 
     def stop(_signum: int, _frame: Any) -> None:

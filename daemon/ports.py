@@ -113,12 +113,15 @@ def out_client_name(client: str, api: str = "") -> str:
     return f"{client}-out" if api_name(api) == "jack" else client
 
 
-def open_input(api: str, client: str, spec: str, callback: Callable[[tuple, Any], None]) -> tuple[Any, str]:
-    """Open the input (virtual 'in', or the existing port `spec`) and install the callback."""
+def open_input(api: str, client: str, spec: str, callback: Callable[[tuple, Any], None],
+               clock: bool = False) -> tuple[Any, str]:
+    """Open the input (virtual 'in', or the existing port `spec`) and install the callback.
+    `clock`: also deliver MIDI clock and transport (0xF8-0xFC), for following a DAW's tempo."""
     midi_in = make("in", api, client)
     try:
-        # Only SysEx, clock and active sensing are ignored: the callback sees notes and controllers.
-        midi_in.ignore_types(sysex=True, timing=True, active_sense=True)
+        # SysEx and active sensing are ignored (and clock unless followed): the callback sees notes,
+        # controllers and, when asked, the DAW's clock.
+        midi_in.ignore_types(sysex=True, timing=not clock, active_sense=True)
         if spec:
             idx = find_port(midi_in.get_ports(), spec, "input")
             name = midi_in.get_ports()[idx]

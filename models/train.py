@@ -12,6 +12,7 @@ optimizer and global RNG states come back from the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -194,10 +195,18 @@ def main(args) -> int:
     tcfg, mcfg, ck = resolve_configs(args, out)
     env = setup(tcfg)
     try:
-        return train(tcfg, mcfg, env, ck, stop_at=getattr(args, "stop_at", 0) or 0)
+        rc = train(tcfg, mcfg, env, ck, stop_at=getattr(args, "stop_at", 0) or 0)
+        if dist.is_initialized():
+            dist.barrier()  # leave together: a rank that exits early tears down a peer's pairs
+        return rc
     finally:
         if dist.is_initialized():
+            # DDP's reducer keeps the process group alive through reference cycles. Left to the
+            # interpreter's teardown, gloo's worker threads die there, and a rank aborts with
+            # "terminate called without an active exception" (seen in CI): free them now.
+            gc.collect()
             dist.destroy_process_group()
+            gc.collect()
 
 
 def train(t: TrainConfig, m: ModelConfig, env: Env, ck: dict[str, Any] | None, stop_at: int = 0) -> int:

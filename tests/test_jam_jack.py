@@ -10,97 +10,36 @@ of due). A barge-in silences the answer within 10 ms of the player's note.
 
 from __future__ import annotations
 
-import os
-import select
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from antiphon.daemon.jackserver import Probe, orphan_safe
-
-WAIT_MS = 300
-ANSWER_MAX_S = 2.0
-JAM = ["--api", "jack", "--seed", "1", "--wait-ms", str(WAIT_MS), "--answer-min-s", "1.5", "--answer-max-s", str(ANSWER_MAX_S)]
-PHRASE = [(0.25 * i + d, [0x90 if d == 0 else 0x80, p, 90 if d == 0 else 0])
-          for i, p in enumerate((60, 62, 64, 67)) for d in (0.0, 0.2)]
+from antiphon.daemon.jackserver import Probe
 
 
-def start_jam(jack, model, client: str, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "antiphon.daemon", "jam", *JAM, "--model", str(model), "--client-name", client,
-            *extra]
-    # stderr goes to a file, so a failing test can show what the daemon said while it still runs.
-    log = tempfile.NamedTemporaryFile("w+", prefix=f"{client}-", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen(orphan_safe(argv), env=jack.env, stdout=subprocess.PIPE, stderr=log, text=True)
-    proc.log_path = log.name  # type: ignore[attr-defined]
-    # The ports open first (a bad port name fails fast); the start-up line comes once the model is
-    # loaded: a phrase played before then would be answered too late, and its answer dropped.
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    line = proc.stdout.readline() if ready else ""
-    if not line.startswith("antiphon: listening on"):
-        proc.kill()
-        pytest.fail(f"antiphon jam did not start within 30 s (said {line!r}): {daemon_log(proc)}")
-    jack.wait_ports(f"{client}:in", f"{client}-out:out")
-    return proc
+def _load_helpers():
+    """tests/jackclient.py, loaded by path once per process (see its docstring)."""
+    import importlib.util
+
+    name = "antiphon_tests_jackclient"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("jackclient.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def daemon_log(proc: subprocess.Popen) -> str:
-    return Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
-
-
-def stop_jam(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-    return daemon_log(proc)
-
-
-def sounding(messages) -> set[tuple[int, int]]:
-    """Notes still on after these messages, as a synth would keep them."""
-    on: set[tuple[int, int]] = set()
-    for _, m in messages:
-        kind, ch = m[0] & 0xF0, m[0] & 0x0F
-        if kind == 0x90 and m[2] > 0:
-            on.add((ch, m[1]))
-        elif kind in (0x80, 0x90):
-            on.discard((ch, m[1]))
-        elif kind == 0xB0 and m[1] in (120, 123):
-            on = {k for k in on if k[0] != ch}
-    return on
-
-
-def sleep_past_answer(t_last_event: float) -> None:
-    """Until the answer to a call ending at t_last_event is over, however long its pauses."""
-    time.sleep(max(0.0, t_last_event + WAIT_MS / 1000 + ANSWER_MAX_S + 0.3 - time.perf_counter()))
-
-
-def first_note_on(messages):
-    return next(t for t, m in messages if m[0] & 0xF0 == 0x90 and m[2] > 0)
-
-
-def wait_first_note(probe: Probe, since: float, timeout: float = 3.0, proc=None) -> float:
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        got = [(t, m) for t, m in probe.since(since) if m[0] & 0xF0 == 0x90 and m[2] > 0]
-        if got:
-            return got[0][0]
-        time.sleep(0.002)
-    pytest.fail("no answer arrived" + (f"; the daemon said:\n{daemon_log(proc)}" if proc is not None else ""))
-
-
-@pytest.fixture(scope="module")
-def jam_model(request) -> str:
-    """The tiny test model, or the model named by $ANTIPHON_TEST_MODEL (e.g. the shipped one)."""
-    return os.environ.get("ANTIPHON_TEST_MODEL") or str(request.getfixturevalue("tiny_model").onnx)
+H = _load_helpers()
+WAIT_MS, ANSWER_MAX_S, PHRASE = H.WAIT_MS, H.ANSWER_MAX_S, H.PHRASE
+start_jam, stop_jam, daemon_log, sounding = H.start_jam, H.stop_jam, H.daemon_log, H.sounding
+sleep_past_answer, first_note_on, wait_first_note, jam_model = (H.sleep_past_answer, H.first_note_on,
+                                                                H.wait_first_note, H.jam_model)
 
 
 class Session:

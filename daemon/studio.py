@@ -1,0 +1,255 @@
+"""The studio glue of `antiphon jam`: MIDI clock, live controls, echo guard, recording, the bounded inbox.
+
+Each piece (midiclock, controls, echo, recorder, inbox) is plain state tested on its own; this
+module decides which thread calls what, and in which order:
+
+    rtmidi callback   inbox.admit → ("input", t, msg) on the scheduler queue (nothing else)
+    scheduler thread  `route`: transport → clock; echo; controls; recording; barge-in; forward
+                      `send`: the output port, then echo.sent and recorder.antiphon
+    engine thread     `apply`: a control Action on the Conversation and the sampler
+    main thread       `housekeeping`: warnings, tempo for the recording, the status line
+
+The scheduler thread sees input first and alone sends, so the echo guard lives there without a
+lock. Nothing here allocates more than a tuple per message on the hot path.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable
+from typing import Any
+
+from antiphon.daemon import controls as C
+from antiphon.daemon import midiclock as M
+from antiphon.daemon.config import JamConfig
+from antiphon.daemon.context import is_musical
+from antiphon.daemon.controls import Action, Controls
+from antiphon.daemon.echo import EchoGuard
+from antiphon.daemon.inbox import Inbox
+from antiphon.daemon.midiclock import ClockFollower
+
+NOTE_ON, CC = 0x90, 0xB0
+# Messages forwarded to the engine but not yet taken by it. The engine may be slower than a
+# flood (one prefill per message); beyond this the scheduler stops forwarding player notes, and
+# once the engine has caught up it sends one all-notes-off so no key stays "down" in its view.
+# 128 is seconds of the fastest playing, and a flood's backlog drains in a fraction of a second.
+ENGINE_BACKLOG = 128
+# An answer note quantized onto the grid is never moved earlier than now plus this (the send path).
+SNAP_LEAD_S = 0.002
+LATE_RING = 1 << 16
+_CLOCK_MSG = (M.CLOCK,)
+TRANSPORT_MARKERS = {M.START: "start", M.CONTINUE: "continue", M.STOP: "stop"}
+
+
+class Studio:
+    def __init__(self, cfg: JamConfig, clock: Any, log: Callable[[str], None]) -> None:
+        from antiphon.daemon import recorder
+
+        self.cfg, self.clock, self.log = cfg, clock, log
+        self.inbox = Inbox.from_config(cfg)
+        self.controls = Controls.from_config(cfg)
+        self.beat = ClockFollower(cfg.beats_per_bar, cfg.quantize)
+        self.echo = EchoGuard.from_config(cfg.echo_window_ms)
+        self.channel = cfg.in_channel - 1  # -1: every channel
+        self.rec = None
+        if cfg.record:
+            for path in recorder.recover(cfg.record):
+                log(f"record: recovered {path} from a session that did not end cleanly")
+            self.rec = recorder.SessionRecorder(cfg.record, origin=clock.now(), beats_per_bar=cfg.beats_per_bar,
+                                                channels=(max(cfg.in_channel, 1) - 1, cfg.out_channel - 1))
+            log(f"record: writing {self.rec.mid_path}")
+        # Set by Jam once the scheduler and queues exist.
+        self.scheduler: Any = None
+        self.to_engine: Callable[[tuple], None] = lambda item: None
+        self.forwarded = 0  # scheduler-thread writer
+        self.engine_taken = 0  # engine-thread writer
+        self.held = 0  # engine-thread writer: player events the Conversation holds back (awaiting a reply)
+        self.overflowed = False
+        self.engine_dropped = 0  # scheduler-thread writer
+        self.lost_ticks = 0  # MIDI clock ticks filled in
+        self._dropped_told, self._told_at = 0, -1e9
+        self.state = "listening"
+        self.bpm = 0.0
+        # Note-on send minus due time, seconds, for --stats and the status line: a preallocated ring
+        # of the latest LATE_RING, so a long session neither grows nor allocates per note.
+        self.lateness = array("d", bytes(8 * LATE_RING))
+        self.notes_sent = 0
+
+    # ------------------------------------------------------------------ rtmidi callback
+
+    def callback(self, put: Callable[[tuple], None]) -> Callable[[tuple, Any], None]:
+        now, admit = self.clock.now, self.inbox.admit
+
+        def on_midi(event: tuple, _data: Any = None) -> None:
+            t = now()  # timestamp first: admit's bookkeeping must not delay it
+            msg = event[0]
+            if admit(msg):
+                put(("input", t, msg))
+        return on_midi
+
+    # ------------------------------------------------------------------ scheduler thread
+
+    def send(self, send_message: Callable[[list[int]], None]) -> Callable[[list[int]], None]:
+        now, sent, rec = self.clock.now, self.echo.sent, self.rec
+
+        def out(msg: list[int]) -> None:
+            send_message(msg)
+            t = now()  # after sending: the echo cannot come back before this (see EchoGuard.early_s)
+            sent(msg, t)
+            if rec is not None:
+                rec.antiphon(t, msg)
+        return out
+
+    def on_sent(self, due: float, sent: float, msg: list[int]) -> None:
+        if msg[0] & 0xF0 == NOTE_ON and msg[2] > 0:
+            self.lateness[self.notes_sent % LATE_RING] = sent - due
+            self.notes_sent += 1
+
+    def last_lateness(self) -> float | None:
+        n = self.notes_sent
+        return self.lateness[(n - 1) % LATE_RING] if n else None
+
+    def route(self, cmd: tuple) -> None:
+        _, t, msg = cmd
+        self.inbox.taken()
+        status = msg[0]
+        if status >= 0xF0:
+            self._transport(status, msg, t)
+            return
+        if self.channel >= 0 and status & 0x0F != self.channel:
+            return
+        if self.echo.is_echo(msg, t):
+            return  # before barge-in: our own note coming back must not stop our answer
+        action = self.controls.handle(msg, t)
+        if action is not None:
+            if action.kind == C.PANIC:
+                self.scheduler.panic()
+            self._forward(("control", action))
+            if not (status & 0xF0 == CC and msg[1] in (C.CC_ALL_SOUND_OFF, C.CC_ALL_NOTES_OFF)):
+                return  # a knob is not music; all-notes-off also tells the model the keys are up
+        if self.rec is not None:
+            self.rec.player(t, msg)
+        if not is_musical(msg):
+            return  # a mod-wheel sweep must not stop the answer
+        kind = status & 0xF0
+        if kind == NOTE_ON and msg[2] > 0 and self.scheduler.active():
+            self.scheduler.stop()  # barge-in: silence the answer in this very wake-up
+        self._forward_player(t, msg)
+
+    def _forward_player(self, t: float, msg: list[int]) -> None:
+        backlog = self.forwarded - self.engine_taken + self.held  # queued, or held by the engine
+        if backlog >= ENGINE_BACKLOG:
+            self.overflowed = True
+            self.engine_dropped += 1
+            return
+        if self.overflowed and backlog < ENGINE_BACKLOG // 2:
+            self.overflowed = False
+            self._forward(("midi", t, [CC | (msg[0] & 0x0F), C.CC_ALL_NOTES_OFF, 0]))
+        self._forward(("midi", t, msg))
+
+    def _forward(self, item: tuple) -> None:
+        self.forwarded += 1
+        self.to_engine(item)
+
+    def _transport(self, status: int, msg: list[int], t: float) -> None:
+        if status == M.CLOCK:
+            self._fill_lost_tick(t)
+        if not self.beat.feed(msg, t):
+            return
+        text = TRANSPORT_MARKERS.get(status)
+        if text is None:
+            return
+        if self.rec is not None:
+            self.rec.marker(t, text)
+        if status == M.STOP:
+            # The DAW stopped: the answer stops with it, its notes closed (not a panic: nothing else sounds).
+            if self.scheduler.active():
+                self.scheduler.stop()
+            self._forward(("control", Action(C.PANIC, float(status), t)))
+
+    def _fill_lost_tick(self, t: float) -> None:
+        """A tick arriving two periods after the last one while the clock runs steadily: JACK lost
+        the one between (it drops a cycle's events when a client xruns, seen here on a busy box).
+        ClockFollower counts ticks, so a lost one would leave every later beat 1/24 beat late; feed
+        it at its place on the line. The cost: a sudden exact halving of the tempo reads its first
+        slow tick as two (the position runs 1/24 beat ahead until the next Start)."""
+        s = self.beat.state
+        if not s.locked or s.period <= 0 or s.fit_ticks < 12:
+            return
+        if 1.75 * s.period <= t - s.last_tick <= 2.25 * s.period:
+            self.beat.feed(_CLOCK_MSG, s.anchor_time + s.period)
+            self.lost_ticks += 1
+
+    def phrase_end(self, now: float) -> None:
+        """Scheduler idle after an answer finished sounding: a durable point for the recording."""
+        if self.rec is not None:
+            self.rec.phrase_end(now)
+
+    # ------------------------------------------------------------------ engine thread
+
+    def apply(self, conv: Any, action: Action) -> None:
+        kind = action.kind
+        if kind == C.SET_TEMPERATURE:
+            conv.sampler.temperature = action.value
+        elif kind == C.SET_ANSWER_SCALE:
+            conv.answer_scale = action.value
+        elif kind == C.ENABLE:
+            conv.enabled = bool(action.value)
+            if not conv.enabled:
+                conv.cancel_answer(action.t)
+        elif kind == C.END_CALL:
+            conv.end_call(action.t)
+        elif kind == C.PANIC:
+            conv.cancel_answer(action.t)
+        if kind != C.PANIC or action.value < 0xF0:
+            self.log(f"control: {action.describe()}")
+
+    def align(self, start: float) -> float:
+        """The answer's start moved onto the next beat (or bar) when following MIDI clock."""
+        if not self.cfg.midi_clock or not self.beat.synced(self.clock.now()):
+            return start
+        nxt = self.beat.next_bar(start - 1e-6) if self.cfg.sync_to == "bar" else self.beat.next_beat(start - 1e-6)
+        return start if nxt is None else nxt
+
+    def snap(self, due: float) -> float:
+        if not self.cfg.quantize:
+            return due
+        now = self.clock.now()
+        return self.beat.snap(due, now=now, not_before=now + SNAP_LEAD_S)
+
+    # ------------------------------------------------------------------ main thread
+
+    def housekeeping(self, now: float) -> None:
+        dropped = self.engine_dropped
+        if dropped != self._dropped_told and now - self._told_at >= 5.0:
+            self.log(f"input: the model fell behind a flood of notes; {dropped - self._dropped_told} player "
+                     "messages were not played to it")
+            self._dropped_told, self._told_at = dropped, now
+        for line in (self.inbox.warning(now), self.echo.take_warning()):
+            if line:
+                self.log(line)
+        synced = self.cfg.midi_clock and self.beat.synced(now)
+        bpm = self.beat.bpm if synced else 0.0
+        if synced and abs(bpm - self.bpm) >= 0.5:
+            if self.rec is not None:
+                self.rec.tempo(now, bpm)
+            self.bpm = bpm
+        elif not synced:
+            self.bpm = 0.0
+        if self.rec is not None and self.rec.error is not None:
+            self.log(f"record: recording stopped: {self.rec.error}")
+            self.rec.error = None  # reported once; the recorder drains from here on
+
+    def close(self) -> None:
+        if self.rec is not None:
+            path = self.rec.close()
+            self.log(f"record: session saved to {path}")
+
+    def stats(self) -> str:
+        lat = sorted(self.lateness[:min(self.notes_sent, LATE_RING)])
+        if not lat:
+            return "stats: no answer notes were sent"
+        pick = [lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 for q in (0.5, 0.9, 0.99)]
+        return (f"stats: {self.notes_sent} answer notes (the last {len(lat)} here); send lateness median {pick[0]:.2f} ms, p90 {pick[1]:.2f} ms, "
+                f"p99 {pick[2]:.2f} ms, max {lat[-1] * 1000:.2f} ms; input dropped {self.inbox.dropped}, "
+                f"echoes ignored {self.echo.echoes}")
