@@ -13,7 +13,8 @@ import dataclasses
 import importlib
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from antiphon.daemon.config import DataConfig, JamConfig, ModelConfig, TrainConfig, from_dict
 from antiphon.daemon.errors import UserError

@@ -10,8 +10,9 @@ however malformed, can leave a note on: a note held longer than `max_note_s` is 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from antiphon.daemon import vocab as V
 from antiphon.daemon.errors import UserError
@@ -117,7 +118,7 @@ def to_events(perf: Performance) -> list[Event]:
     origin = min([n.start for n in perf.notes] + [t for t, _ in pedal])
 
     def step(t: float) -> int:
-        return int(math.floor((t - origin) / V.STEP_S + 0.5))
+        return math.floor((t - origin) / V.STEP_S + 0.5)
 
     keyed: list[tuple[tuple[int, int, int], Event]] = []
     for n in _release_before_restrike(perf.notes):
@@ -157,7 +158,7 @@ class TokenEncoder:
     time is rounded to the grid relative to it, so rounding never accumulates drift.
     """
 
-    __slots__ = ("origin", "step", "velocity_bin", "sounding", "sustain")
+    __slots__ = ("origin", "sounding", "step", "sustain", "velocity_bin")
 
     def __init__(self) -> None:
         self.origin: float | None = None
@@ -172,14 +173,13 @@ class TokenEncoder:
         if self.origin is None:
             self.origin = t
             return out
-        target = int(math.floor((t - self.origin) / V.STEP_S + 0.5))
+        target = math.floor((t - self.origin) / V.STEP_S + 0.5)
         gap = target - self.step
         while gap > 0:
             k = min(gap, V.MAX_SHIFT)
             out.append(V.time_shift(k))
             gap -= k
-        if target > self.step:
-            self.step = target
+        self.step = max(self.step, target)
         return out
 
     def note_on(self, t: float, pitch: int, velocity: int, out: list[int] | None = None) -> list[int]:
@@ -284,11 +284,11 @@ class TokenDecoder:
     `max_note_s` is released at exactly that length.
     """
 
-    __slots__ = ("channel", "max_steps", "step", "velocity", "onset", "sustain")
+    __slots__ = ("channel", "max_steps", "onset", "step", "sustain", "velocity")
 
     def __init__(self, channel: int = 0, max_note_s: float = 4.0) -> None:
         self.channel = channel & 0x0F
-        self.max_steps = max(1, int(round(max_note_s / V.STEP_S)))
+        self.max_steps = max(1, round(max_note_s / V.STEP_S))
         self.step = 0
         self.velocity = 64
         self.onset = [-1] * V.N_PITCH  # step at which each key was struck, -1 when silent

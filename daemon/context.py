@@ -17,70 +17,23 @@ tests drive it with a fake engine and chosen timestamps.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
+from antiphon.daemon.answer import (
+    ANSWER_MASK,
+    OPENING_MASK,
+    Answer,
+    absorb,
+    answer_seconds,
+    clone_encoder,
+    same_time,
+)
 from antiphon.daemon.config import JamConfig
 from antiphon.daemon.scheduler import Item
-
-# Until the answer's first note: no pause (it must start exactly at the phrase end), no offs.
-_OPENING = np.zeros(V.VOCAB_SIZE, dtype=bool)
-_OPENING[V.NOTE_ON:V.NOTE_OFF] = True
-_OPENING[V.VELOCITY:V.SUSTAIN_OFF + 1] = True
-_ANY = np.ones(V.VOCAB_SIZE, dtype=bool)
-_ANY[[V.PAD, V.BOS, V.EOS]] = False
-
-
-def clone_encoder(enc: codec.TokenEncoder) -> codec.TokenEncoder:
-    c = codec.TokenEncoder()
-    c.origin, c.step, c.velocity_bin, c.sustain = enc.origin, enc.step, enc.velocity_bin, enc.sustain
-    c.sounding = bytearray(enc.sounding)
-    return c
-
-
-def absorb(enc: codec.TokenEncoder, tokens: list[int], max_note_s: float) -> codec.TokenDecoder:
-    """Bring the encoder's state past generated tokens; returns the decoder replayed over them."""
-    dec = codec.TokenDecoder(0, max_note_s)
-    for tok in tokens:
-        dec.feed(tok)
-        if V.VELOCITY <= tok < V.SUSTAIN_ON:
-            enc.velocity_bin = tok - V.VELOCITY
-        elif tok in (V.SUSTAIN_ON, V.SUSTAIN_OFF):
-            enc.sustain = tok == V.SUSTAIN_ON
-    enc.step += dec.step
-    for p in range(V.N_PITCH):
-        enc.sounding[p] = 1 if dec.onset[p] >= 0 else 0
-    return dec
-
-
-def answer_seconds(call_s: float, cfg: JamConfig, scale: float | None = None) -> float:
-    """`scale`: the live answer_scale (a knob may have moved it); cfg's when None."""
-    return min(max(call_s * (cfg.answer_scale if scale is None else scale), cfg.answer_min_s), cfg.answer_max_s)
-
-
-def _same(t: float) -> float:
-    return t
-
-
-@dataclass
-class Answer:
-    """One speculative-then-played answer generation."""
-
-    gen: int
-    start: float  # clock time of the phrase end: the answer's time 0
-    seconds: float  # planned length
-    prefix: list[int]  # the closing pause, appended before the answer's tokens
-    base: int  # cache index of tokens[0]
-    decoder: codec.TokenDecoder
-    tokens: list[int] = field(default_factory=list)
-    note_ids: dict[int, int] = field(default_factory=dict)
-    shifts: dict[int, float] = field(default_factory=dict)  # pitch -> how far quantizing moved its note-on
-    notes: int = 0
-    done: bool = False
 
 
 class Conversation:
@@ -88,8 +41,8 @@ class Conversation:
 
     def __init__(self, engine: Any, sampler: Any, grammar_mask: Callable, cfg: JamConfig,
                  submit: Callable[[int, list[Item]], None], cancel: Callable[[int], None],
-                 log: Callable[[str], None] = print, align: Callable[[float], float] = _same,
-                 snap: Callable[[float], float] = _same) -> None:
+                 log: Callable[[str], None] = print, align: Callable[[float], float] = same_time,
+                 snap: Callable[[float], float] = same_time) -> None:
         """`align`: where an answer planned to start at t really starts (the next beat under MIDI
         clock); `snap`: where an answer note-on due at t is played (quantization). Both default to t."""
         self.align, self.snap = align, snap
@@ -304,7 +257,7 @@ class Conversation:
             self._close(a)  # the window is full: end the answer here rather than slide mid-answer
             return
         mask = self.grammar_mask(dec, self._mask)
-        mask &= _OPENING if a.notes == 0 else _ANY  # the answer's length is ours to decide: no EOS
+        mask &= OPENING_MASK if a.notes == 0 else ANSWER_MASK  # the answer's length is ours to decide: no EOS
         tok = int(self.sampler.sample(self.spec_logits, mask))
         if V.TIME_SHIFT <= tok < V.VELOCITY:
             left = round(a.seconds / V.STEP_S) - dec.step

@@ -19,8 +19,8 @@ import ctypes
 import ctypes.util
 import json
 import os
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np

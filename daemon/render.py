@@ -109,7 +109,7 @@ def render_wav(midi_path: str, wav_path: str, soundfont: str = "") -> None:
     def run(tmp: str) -> None:
         # -g 1.0: FluidSynth's default gain of 0.2 renders barely audible files.
         proc = subprocess.run([fluidsynth, "-ni", "-g", "1.0", "-T", "wav", "-F", tmp, sf2, midi_path],
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600, check=False)
         if proc.returncode != 0 or not Path(tmp).is_file() or Path(tmp).stat().st_size <= 44:
             raise UserError(f"fluidsynth failed on {midi_path}: {proc.stderr.strip()[-500:]}")
 

@@ -13,7 +13,6 @@ import numpy as np
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
 
-
 # Event kinds as contiguous token ranges (specials, NOTE_ON, NOTE_OFF, TIME_SHIFT, VELOCITY, pedal).
 KIND_STARTS = np.array([0, V.NOTE_ON, V.NOTE_OFF, V.TIME_SHIFT, V.VELOCITY, V.SUSTAIN_ON])
 KIND_ENDS = np.append(KIND_STARTS[1:], V.VOCAB_SIZE)

@@ -127,8 +127,8 @@ def check_compatible(vocab_json: str | dict | None, vocab_size: int | None, what
 
 
 def table() -> str:
-    lines = [f"antiphon vocabulary v{VOCAB.version}: {VOCAB_SIZE} tokens "
-             f"(time step {VOCAB.time_step_ms} ms, max shift {MAX_SHIFT} steps, {VELOCITY_BINS} velocity bins)",
+    lines = [(f"antiphon vocabulary v{VOCAB.version}: {VOCAB_SIZE} tokens "
+             f"(time step {VOCAB.time_step_ms} ms, max shift {MAX_SHIFT} steps, {VELOCITY_BINS} velocity bins)"),
              f"{'range':>9}  {'count':>5}  event  first .. last"]
     for name, start, end in RANGES:
         first, last = describe_token(start), describe_token(end - 1)

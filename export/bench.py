@@ -12,9 +12,8 @@ import argparse
 import json
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
-
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from antiphon.daemon.config import ModelConfig
 

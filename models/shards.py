@@ -8,8 +8,8 @@ Flat files memory-map, so training reads random windows without loading the corp
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hypothesis.strategies as st
-from hypothesis import example, given, settings
-
 from pathlib import Path
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import example, given, settings
 
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from antiphon.daemon.config import JamConfig
 from antiphon.daemon.controls import (
     ENABLE,

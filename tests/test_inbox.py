@@ -8,6 +8,7 @@ import time
 import tracemalloc
 
 import pytest
+
 from antiphon.daemon.config import JamConfig
 from antiphon.daemon.errors import UserError
 from antiphon.daemon.inbox import Inbox

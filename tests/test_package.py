@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_py(code: str) -> subprocess.CompletedProcess:
     # Run outside the repo root so that `import daemon` could not resolve to the folder.
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120, check=False)
 
 
 def test_every_daemon_module_imports_without_torch():
@@ -45,7 +45,7 @@ def test_help_ports_and_jam_parsing_never_import_torch():
 def test_python_dash_m_runs_the_same_cli():
     for module in ("antiphon", "antiphon.daemon"):
         proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd="/",
-                              timeout=60)
+                              timeout=60, check=False)
         assert proc.returncode == 0 and "tokenize" in proc.stdout, proc.stderr
 
 
@@ -55,7 +55,7 @@ def test_no_top_level_daemon_models_or_export_is_installed():
 
 
 def test_vocab_table_prints_every_range():
-    proc = subprocess.run([sys.executable, "-m", "antiphon.daemon.vocab"], capture_output=True, text=True, cwd="/")
+    proc = subprocess.run([sys.executable, "-m", "antiphon.daemon.vocab"], capture_output=True, text=True, cwd="/", check=False)
     assert proc.returncode == 0
     for name in ("NOTE_ON", "NOTE_OFF", "TIME_SHIFT", "VELOCITY", "SUSTAIN_ON", "SUSTAIN_OFF", "PAD", "BOS", "EOS"):
         assert name in proc.stdout
@@ -66,7 +66,7 @@ def test_tokenize_command_round_trips_a_real_performance(tmp_path):
     src = ROOT / "tests" / "data" / "satie_gymnopedie1_hannds.mid"
     out = tmp_path / "seen.mid"
     proc = subprocess.run([sys.executable, "-m", "antiphon", "tokenize", str(src), "-o", str(out), "--json"],
-                          capture_output=True, text=True, cwd="/", timeout=60)
+                          capture_output=True, text=True, cwd="/", timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)
     assert stats["notes"] == stats["output_notes"] == 456
@@ -77,6 +77,6 @@ def test_tokenize_rejects_a_non_midi_file_clearly(tmp_path):
     bad = tmp_path / "notes.mid"
     bad.write_text("this is not MIDI")
     proc = subprocess.run([sys.executable, "-m", "antiphon", "tokenize", str(bad)], capture_output=True, text=True,
-                          cwd="/", timeout=60)
+                          cwd="/", timeout=60, check=False)
     assert proc.returncode == 2
     assert "notes.mid" in proc.stderr and "Traceback" not in proc.stderr

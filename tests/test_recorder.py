@@ -12,6 +12,7 @@ from pathlib import Path
 import mido
 import pytest
 import symusic
+
 from antiphon.daemon.recorder import SessionRecorder, read_journal, recover
 
 ORIGIN = 100.0
