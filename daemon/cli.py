@@ -25,13 +25,13 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         help_ = f"{f.metadata.get('help', '')} (default: {f.default!r})"
         if f.type in (bool, "bool"):
-            group.add_argument(flag, dest=f"{cls.__name__}.{f.name}", action=argparse.BooleanOptionalAction,
+            group.add_argument(*flags, dest=f"{cls.__name__}.{f.name}", action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_)
         else:
-            group.add_argument(flag, dest=f"{cls.__name__}.{f.name}", type=type(f.default),
+            group.add_argument(*flags, dest=f"{cls.__name__}.{f.name}", type=type(f.default),
                                default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
 
 
@@ -110,6 +110,8 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=JamConfig.temperature,
                    help="sampling temperature of the metrics' responses (default: jam's)")
     p.add_argument("--top-p", type=float, default=JamConfig.top_p, help="nucleus mass of the responses (default: jam's)")
+    p.add_argument("--follow-density", type=float, default=JamConfig.follow_density,
+                   help="how strongly responses follow the call's note rate (default: jam's; 0: the model's own)")
     p.add_argument("--markov-order", type=int, default=4,
                    help="longest context of the Markov baseline (4 scored best on valid_score; longer overfits)")
     p.add_argument("--markov-discount", type=float, default=0.95,
@@ -149,6 +151,8 @@ def _continue(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=-1, help="sampling seed (-1: random)")
     p.add_argument("--temperature", type=float, default=JamConfig.temperature, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=JamConfig.top_p, help="nucleus sampling mass")
+    p.add_argument("--follow-density", type=float, default=JamConfig.follow_density,
+                   help="how strongly the continuation follows the input's recent note rate (0: the model's own)")
     p.add_argument("--model", default="", help="ONNX model (default: the shipped model)")
 
 

@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _f(default: Any, help: str, *aliases: str) -> Any:
+    """A config field; `aliases`: short extra flags for the command line (e.g. "--in")."""
+    return field(default=default, metadata={"help": help, "aliases": aliases})
 
 
 @dataclass(frozen=True)
@@ -86,13 +87,16 @@ class JamConfig:
     model: str = _f("", "ONNX model path (empty: the shipped default model)")
     api: str = _f("", "MIDI API: alsa, jack, coremidi, winmm (empty: $RTMIDI_API or the platform default)")
     client_name: str = _f("antiphon", "MIDI client name shown by the DAW")
-    in_port: str = _f("", "connect to an existing input port by index or name substring (empty: virtual 'in')")
-    out_port: str = _f("", "connect to an existing output port by index or name substring (empty: virtual 'out')")
+    in_port: str = _f("", "connect to an existing input port by index or name substring (empty: virtual 'in')", "--in")
+    out_port: str = _f("", "connect to an existing output port by index or name substring (empty: virtual 'out')",
+                       "--out")
     in_channel: int = _f(0, "listen on this MIDI channel 1-16 (0: all channels)")
     out_channel: int = _f(1, "answer on this MIDI channel 1-16")
     temperature: float = _f(0.85, "pitch temperature: lower stays closer to the call's key (timing is never cooled)")
     top_p: float = _f(0.9, "nucleus mass of the pitch choice")
-    wait_ms: int = _f(400, "ms of silence, no key down, after the player's last event that end a phrase")
+    follow_density: float = _f(0.75, "0-1: the call's share of the answer's note rate, the model's being the rest "
+                                     "(geometric; 0: the model's own)")
+    wait_ms: int = _f(400, "ms of silence, no key down, after the player's last event that end a phrase", "--wait")
     answer_min_s: float = _f(1.0, "shortest answer in seconds")
     answer_max_s: float = _f(12.0, "longest answer in seconds")
     answer_scale: float = _f(1.0, "answer length as a multiple of the call's length")

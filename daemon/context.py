@@ -58,6 +58,7 @@ class Conversation:
         self.enc = codec.TokenEncoder()
         self.keys_down: set[int] = set()
         self.phrase_start: float | None = None
+        self.call_notes = 0  # note-ons since phrase_start: the answer's note rate follows the call's
         self.last_event = 0.0
         self.answer: Answer | None = None
         self.awaiting: int | None = None  # gen whose `heard` reply we wait for
@@ -113,7 +114,8 @@ class Conversation:
         if status == codec.NOTE_ON_STATUS and d2 > 0:
             self.keys_down.add(d1)
             if self.phrase_start is None:
-                self.phrase_start = t
+                self.phrase_start, self.call_notes = t, 0
+            self.call_notes += 1
         elif status in (codec.NOTE_OFF_STATUS, codec.NOTE_ON_STATUS):
             self.keys_down.discard(d1)
         elif status == codec.CC_STATUS and d1 in (codec.CC_ALL_NOTES_OFF, codec.CC_ALL_SOUND_OFF):
@@ -242,6 +244,7 @@ class Conversation:
         self.answer = Answer(self.gen, start, answer_seconds(call_s, self.cfg, self.answer_scale), prefix, e.length,
                              codec.TokenDecoder(self.out_channel, self.cfg.max_note_s))
         self.spec_logits = np.array(logits, dtype=np.float32)
+        self.sampler.begin(self.call_notes, call_s)
 
     def wants_work(self) -> bool:
         return self.answer is not None and not self.answer.done and self.awaiting is None

@@ -127,7 +127,7 @@ class Jam:
         # The engine (ORT session, first prefill) is built before any real-time thread starts.
         engine = Engine(cfg.model or None, threads=cfg.threads, log=lambda s: None)
         self.model_desc = f"{engine.model_path} (context {engine.context})"
-        self.conv = Conversation(engine, Sampler(cfg.seed, cfg.temperature, cfg.top_p), grammar_mask, cfg,
+        self.conv = Conversation(engine, Sampler(cfg.seed, cfg.temperature, cfg.top_p, cfg.follow_density), grammar_mask, cfg,
                                  self._submit, self._cancel, log,
                                  align=studio.align, snap=studio.snap)
         self._warm_up(engine)

@@ -23,6 +23,7 @@ from antiphon.daemon.render import ANSWER_TRACK
 from antiphon.daemon.sampling import Sampler, grammar_mask
 
 DEFAULT_SECONDS = 8.0
+CALL_S = 8.0
 
 
 def continue_tokens(engine: Engine, context: list[int], seconds: float, sampler: Sampler,
@@ -54,7 +55,7 @@ def _bar_seconds(score) -> float:
 
 
 def continue_file(in_path: str, out_path: str, seconds: float | None, bars: float | None, seed: int,
-                  temperature: float, top_p: float, model: str = "") -> dict:
+                  temperature: float, top_p: float, model: str = "", follow_density: float = 0.0) -> dict:
     import symusic
 
     perf = codec.load_midi(in_path)
@@ -67,7 +68,10 @@ def continue_file(in_path: str, out_path: str, seconds: float | None, bars: floa
         raise UserError("the continuation length must be positive")
 
     engine = Engine(model or None, threads=1)
-    sampler = Sampler(None if seed < 0 else seed, temperature, top_p)
+    sampler = Sampler(None if seed < 0 else seed, temperature, top_p, follow_density)
+    # The call is the input's last CALL_S seconds: the rate of what was just played, not of the piece.
+    last = max(n.start for n in perf.notes)
+    sampler.begin(sum(n.start > last - CALL_S for n in perf.notes), min(CALL_S, last - min(n.start for n in perf.notes)))
     context = codec.encode_performance(perf)
     answer = continue_tokens(engine, context, length, sampler)
 
@@ -103,7 +107,7 @@ def continue_file(in_path: str, out_path: str, seconds: float | None, bars: floa
 
 def main(args) -> int:
     stats = continue_file(args.input, args.output, args.seconds, args.bars, args.seed, args.temperature,
-                          args.top_p, args.model)
+                          args.top_p, args.model, args.follow_density)
     print(f"{args.input}: {stats['input_notes']} notes; added {stats['answer_notes']} notes over "
           f"{stats['seconds']} s on track '{ANSWER_TRACK}' → {stats['output']}")
     return 0

@@ -5,8 +5,9 @@ every token after BOS scored). Files longer than the model's context are scored 
 window whose stride is half the context, so every token sees at least context/2 tokens of history.
 
 Musical metrics (models/metrics.py): from each file, 8 s calls at 0, 16, 32 s ...; the model and
-the baseline each answer with 8 s sampled at temperature 1, top-p 0.95 under the daemon's grammar
-mask, and are compared with the true 8 s that followed.
+the baseline each answer with 8 s sampled with the jam's sampler (by default its temperature,
+top-p and density following) under the daemon's grammar mask, and are compared with the true 8 s
+that followed.
 """
 
 from __future__ import annotations
@@ -169,13 +170,16 @@ def phrases(docs: list[list[int]], n: int) -> list[tuple[list[int], list[int]]]:
 
 
 def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, seed: int,
-                    temperature: float = 1.0, top_p: float = 0.95) -> dict:
+                    temperature: float = 1.0, top_p: float = 0.95, follow_density: float = 0.0) -> dict:
     rows: dict[str, list] = {"model": [], "baseline": [], "truth": []}
     pairs = phrases(docs, n)
     for i, (call, truth) in enumerate(pairs):
         prompt = [V.BOS] + call
-        model_out = generate(lm_sampler(lm, prompt), prompt, RESPONSE_S, Sampler(seed + i, temperature, top_p))
-        base_out = generate(markov_sampler(baseline, prompt), prompt, RESPONSE_S, Sampler(seed + i, temperature, top_p))
+        samplers = [Sampler(seed + i, temperature, top_p, follow_density) for _ in range(2)]
+        for s in samplers:
+            s.begin(len(M.notes_of(call)), CALL_S)
+        model_out = generate(lm_sampler(lm, prompt), prompt, RESPONSE_S, samplers[0])
+        base_out = generate(markov_sampler(baseline, prompt), prompt, RESPONSE_S, samplers[1])
         for name, resp in (("model", model_out), ("baseline", base_out), ("truth", truth)):
             rows[name].append(M.phrase_metrics(call, resp, CALL_S, RESPONSE_S))
     means = {name: M.summarize(r) for name, r in rows.items()}
@@ -236,7 +240,10 @@ def main(args) -> int:
     result["ratio"] = result["model_nll"] / result["baseline_nll"] if result["baseline_nll"] > 0 else math.inf
     if args.phrases > 0:
         log(f"generating responses to up to {args.phrases} phrases")
-        result["metrics"] = musical_metrics(lm, baseline, docs, args.phrases, args.seed, args.temperature, args.top_p)
+        result["sampling"] = {"temperature": args.temperature, "top_p": args.top_p,
+                              "follow_density": args.follow_density}
+        result["metrics"] = musical_metrics(lm, baseline, docs, args.phrases, args.seed, args.temperature, args.top_p,
+                                             args.follow_density)
     if args.json:
         print(json.dumps(_finite(result), indent=2))
         return 0

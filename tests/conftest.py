@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+
+def _load_jackclient():
+    """tests/jackclient.py as module `jackclient`: pytest's importlib mode puts no test folder on
+    sys.path, so the JACK tests take it from sys.modules (loaded here, before them)."""
+    spec = importlib.util.spec_from_file_location("jackclient", Path(__file__).with_name("jackclient.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["jackclient"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+jam_model = _load_jackclient().jam_model  # a module-scoped fixture for the JACK tests
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Helpers shared by the JACK end-to-end tests (test_jam_jack, test_studio_jack): start and stop
 an `antiphon jam` subprocess, read what it logged, and judge what a probe heard.
 
-Tests load this file by path (`load()` below), because pytest's importlib mode puts no test
-folder on sys.path and the tests import only `antiphon.*` otherwise.
+conftest.py loads this file as module `jackclient` (pytest's importlib mode puts no test folder
+on sys.path) and offers its `jam_model` fixture to every test.
 """
 
 from __future__ import annotations

@@ -165,6 +165,35 @@ def test_sampler_keeps_the_models_odds_of_each_event_kind_at_any_temperature():
         Sampler(0, 1.0, 1.0).sample(logits, np.zeros(V.VOCAB_SIZE, bool))
 
 
+def _notes_per_second(sampler: Sampler, logits: np.ndarray, seconds: float) -> float:
+    notes = steps = 0
+    while steps * V.STEP_S < seconds:
+        t = sampler.sample(logits)
+        notes += V.NOTE_ON <= t < V.NOTE_OFF
+        steps += t - V.TIME_SHIFT + 1 if V.TIME_SHIFT <= t < V.VELOCITY else 0
+    return notes / (steps * V.STEP_S)
+
+
+def test_follow_density_settles_between_the_models_rate_and_the_calls():
+    """A model that wants 10 notes/s, answering calls of 3 and 20 notes/s: the rate settles at
+    10**(1-w) * call**w, as documented, for w = 0 (the model's own), 0.5 and 0.75."""
+    logits = np.full(V.VOCAB_SIZE, -30.0)
+    logits[V.note_on(60)] = 0.0
+    logits[V.time_shift(10)] = 0.0  # a note or 100 ms of time at even odds: 10 notes per second
+    for w in (0.0, 0.5, 0.75):
+        for call_rate in (3.0, 20.0):
+            s = Sampler(5, 1.0, 1.0, follow_density=w)
+            s.begin(int(call_rate * 8), 8.0)
+            got, want = _notes_per_second(s, logits, 120.0), 10.0 ** (1 - w) * call_rate ** w
+            assert abs(got / want - 1.0) < 0.15, (w, call_rate, got, want)
+    s = Sampler(5, 1.0, 1.0, follow_density=0.75)
+    s.begin(0, 8.0)  # a call without notes sets no rate: the model's own odds
+    assert 8.5 < _notes_per_second(s, logits, 120.0) < 11.5
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError):
+            Sampler(0, 1.0, 1.0, follow_density=bad)
+
+
 def test_grammar_mask_follows_the_decoder_ledger():
     dec = codec.TokenDecoder()
     mask = grammar_mask(dec, np.empty(V.VOCAB_SIZE, bool))

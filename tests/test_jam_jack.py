@@ -15,31 +15,15 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from antiphon.daemon.jackserver import Probe
 
-
-def _load_helpers():
-    """tests/jackclient.py, loaded by path once per process (see its docstring)."""
-    import importlib.util
-
-    name = "antiphon_tests_jackclient"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("jackclient.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = _load_helpers()
+H = sys.modules["jackclient"]  # loaded by conftest.py
 WAIT_MS, ANSWER_MAX_S, PHRASE = H.WAIT_MS, H.ANSWER_MAX_S, H.PHRASE
 start_jam, stop_jam, daemon_log, sounding = H.start_jam, H.stop_jam, H.daemon_log, H.sounding
-sleep_past_answer, first_note_on, wait_first_note, jam_model = (H.sleep_past_answer, H.first_note_on,
-                                                                H.wait_first_note, H.jam_model)
+sleep_past_answer, first_note_on, wait_first_note = H.sleep_past_answer, H.first_note_on, H.wait_first_note
 
 
 class Session:

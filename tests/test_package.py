@@ -80,3 +80,16 @@ def test_tokenize_rejects_a_non_midi_file_clearly(tmp_path):
                           cwd="/", timeout=60, check=False)
     assert proc.returncode == 2
     assert "notes.mid" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_jam_flags_and_their_short_aliases_fill_the_config(tmp_path):
+    from antiphon.daemon import cli
+    from antiphon.daemon.config import JamConfig
+
+    cfg_file = tmp_path / "jam.json"
+    cfg_file.write_text('{"JamConfig": {"temperature": 0.5, "wait_ms": 900}}')
+    args = cli.build_parser().parse_args(["jam", "--config", str(cfg_file), "--in", "Keystation", "--out", "2",
+                                    "--wait", "250", "--follow-density", "0"])
+    (cfg,) = cli.configs(args, JamConfig)
+    assert (cfg.in_port, cfg.out_port, cfg.wait_ms, cfg.follow_density) == ("Keystation", "2", 250, 0.0)
+    assert cfg.temperature == 0.5  # from the file; the flag beat the file's wait_ms

@@ -222,3 +222,19 @@ def test_the_input_channel_filter_and_what_counts_as_music():
     assert listens_to([0xB0, 64, 127], 1) and listens_to([0xB0, 123, 0], 1)
     assert not listens_to([0xB0, 1, 64], 0)  # mod wheel
     assert not listens_to([0xE0, 0, 64], 0) and not listens_to([0xF8], 0) and not listens_to([0xD0, 40], 0)
+
+
+def test_the_answer_sampler_is_told_each_calls_note_rate():
+    h = Harness(wait_ms=400)
+    told = []
+    begin = h.conv.sampler.begin
+    h.conv.sampler.begin = lambda notes, seconds: (told.append((notes, round(seconds, 6))), begin(notes, seconds))
+    call(h)  # two notes over 0.6 s
+    assert told[-1] == (2, 0.6)
+    h.generate()
+    gen = h.conv.answer.gen
+    for i, t in enumerate((20.0, 20.1, 20.2)):  # a new call of three quick notes, then its releases
+        h.play(t, ON, 60 + i, 90)
+    for i in range(3):
+        h.play(20.5, OFF, 60 + i)
+    assert h.conv.answer.gen > gen and told[-1] == (3, 0.5)

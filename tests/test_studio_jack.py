@@ -31,22 +31,7 @@ import pytest
 from antiphon.daemon.clock import MonotonicClock
 from antiphon.daemon.jackserver import Probe
 
-
-def _load_helpers():
-    """tests/jackclient.py, loaded by path once per process (see its docstring)."""
-    import importlib.util
-
-    name = "antiphon_tests_jackclient"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("jackclient.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = _load_helpers()
-jam_model = H.jam_model
+H = sys.modules["jackclient"]  # loaded by conftest.py
 WAIT = H.WAIT_MS / 1000
 PHRASE_LEN = H.PHRASE[-1][0]  # offset of the last note-off
 MAX_NOTE_S = 2.0
