@@ -48,3 +48,38 @@ def test_render_refuses_bad_input_clearly(tmp_path):
     assert not (tmp_path / "x.png").exists()
     proc = antiphon("render", str(SATIE))
     assert proc.returncode == 2 and "--png" in proc.stderr
+
+
+def answer_coloured_pixels(png: Path) -> int:
+    import matplotlib.image
+
+    from antiphon.daemon.render import ANSWER_RGB
+
+    rgb = matplotlib.image.imread(str(png))[..., :3]
+    return int((np.abs(rgb - np.array(ANSWER_RGB)).max(axis=-1) < 0.2).sum())
+
+
+def test_a_jam_recording_renders_with_the_answer_in_its_own_colour(tmp_path):
+    """A session file as `jam --record` writes it (tracks "player" and "antiphon", tempo) renders to
+    a picture whose answer-coloured area is the answer's notes, not only the legend's swatch."""
+    from antiphon.daemon.recorder import SessionRecorder
+
+    rec = SessionRecorder(tmp_path, origin=50.0, bpm=100.0, name="session")
+    for k in range(3):
+        for i in range(6):
+            t = 50.0 + 6.0 * k + 0.3 * i
+            rec.player(t, [0x90, 55 + i, 80])
+            rec.player(t + 0.25, [0x80, 55 + i, 0])
+            rec.antiphon(t + 3.0, [0x91, 67 + i, 90])
+            rec.antiphon(t + 3.4, [0x81, 67 + i, 0])
+        rec.phrase_end(50.0 + 6.0 * k + 5.5)
+    session = rec.close()
+    png, wav, solo = tmp_path / "session.png", tmp_path / "session.wav", tmp_path / "solo.png"
+    proc = antiphon("render", str(session), "--png", str(png), "--wav", str(wav))
+    assert proc.returncode == 0, proc.stderr
+    assert antiphon("render", str(SATIE), "--png", str(solo)).returncode == 0
+    assert png_size(png) == (1600, 600)
+    assert answer_coloured_pixels(png) > 5 * answer_coloured_pixels(solo) + 1000  # solo: the legend alone
+    with wave.open(str(wav)) as w:
+        audio = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float64)
+    assert np.sqrt(np.mean(audio ** 2)) > 100
