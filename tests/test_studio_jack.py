@@ -262,23 +262,54 @@ def _load_midi(path: Path):
     return tracks
 
 
-def _record_session(jack, model, folder: Path, client: str, calls: int):
-    proc = H.start_jam(jack, model, client, "--record", str(folder))
+def struck(messages) -> list[int]:
+    """Pitches struck, as a synth hears them: a note-on for a key already sounding is not a new
+    note. JACK's dummy server without real-time priority sometimes, on an xrun, delivers a
+    client's previous cycle again (seen here: one note-on heard three times, the two messages of
+    the next cycle lost); this counts such a repeat once."""
+    on: set[int] = set()
+    pitches = []
+    for _, m in messages:
+        kind = m[0] & 0xF0
+        if kind == 0x90 and m[2] > 0:
+            if m[1] not in on:
+                pitches.append(m[1])
+            on.add(m[1])
+        elif kind in (0x80, 0x90):
+            on.discard(m[1])
+    return pitches
+
+
+def traced_note_ons(trace: Path) -> list[int]:
+    """The note-ons the daemon's scheduler sent (its --trace: due, sent, 3 bytes per line)."""
+    msgs = [[int(x) for x in line.split()[2:]] for line in trace.read_text().splitlines()]
+    return [m[1] for m in msgs if m[0] & 0xF0 == 0x90 and m[2] > 0]
+
+
+def _record_session(jack, model, folder: Path, client: str, calls: int, *extra: str):
+    proc = H.start_jam(jack, model, client, "--record", str(folder), *extra)
     probe = Probe(jack, f"{client}-p")
     probe.connect(f"{client}:in", f"{client}-out:out")
-    heard_ons = []
+    heard = []
     for _ in range(calls):
         t_off = probe.play(H.PHRASE)[-1]
         H.sleep_past_answer(t_off)
-        heard_ons.append(len(note_ons(probe.since(t_off))))
+        heard.append(struck(probe.since(t_off)))
     time.sleep(0.6)  # the scheduler's idle look (every 0.25 s) marks the answer's end durable
-    return proc, probe, heard_ons
+    return proc, probe, heard
+
+
+# An xrun of the non-real-time JACK server can lose a cycle's messages between the daemon and the
+# probe; the probe's account of a phrase may fall short of what the daemon sent by this much.
+JACK_LOSS = 2
 
 
 def test_recording_survives_sigterm_and_sigkill(jack, jam_model, tmp_path):
     pitches = sorted(p for _, (s, p, v) in H.PHRASE if s == 0x90)
-    # SIGTERM: a clean end writes the file and removes the journal.
-    proc, probe, heard = _record_session(jack, jam_model, tmp_path / "term", "rec-term", 2)
+    # SIGTERM: a clean end writes the file and removes the journal. The recording must hold
+    # exactly the notes the scheduler sent (its trace), and everything the probe heard.
+    trace = tmp_path / "term.trace"
+    proc, probe, heard = _record_session(jack, jam_model, tmp_path / "term", "rec-term", 2, "--trace", str(trace))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
     probe.close()
@@ -286,7 +317,10 @@ def test_recording_survives_sigterm_and_sigkill(jack, jam_model, tmp_path):
     assert len(mids) == 1 and not list((tmp_path / "term").glob("*.journal")), H.daemon_log(proc)
     tracks = _load_midi(mids[0])
     assert sorted(n.pitch for n in tracks["player"].notes) == sorted(pitches * 2)
-    assert len(tracks["antiphon"].notes) == sum(heard) > 0
+    recorded = sorted(n.pitch for n in tracks["antiphon"].notes)
+    assert recorded == sorted(traced_note_ons(trace)) and recorded
+    heard_all = [p for phrase in heard for p in phrase]
+    assert set(heard_all) <= set(recorded) and len(recorded) - JACK_LOSS <= len(heard_all) <= len(recorded)
     # SIGKILL: nothing closes; the next start recovers the journal into a file.
     proc, probe, heard = _record_session(jack, jam_model, tmp_path / "kill", "rec-kill", 2)
     proc.kill()
@@ -305,4 +339,7 @@ def test_recording_survives_sigterm_and_sigkill(jack, jam_model, tmp_path):
     # All but at most the last phrase: the first phrase and its answer are there in full.
     played = [n.pitch for n in tracks["player"].notes]
     assert sorted(played[:len(pitches)]) == pitches and len(played) <= 2 * len(pitches), played
-    assert sum(heard) >= len(tracks["antiphon"].notes) >= heard[0] > 0
+    answered = [n.pitch for n in tracks["antiphon"].notes]
+    first, both = len(heard[0]), len(heard[0]) + len(heard[1])
+    assert first > 0 and first <= len(answered) <= both + 2 * JACK_LOSS, (heard, answered)
+    assert set(heard[0]) <= set(answered)
