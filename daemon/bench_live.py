@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from antiphon.daemon.clock import MonotonicClock
-from antiphon.daemon.jackserver import JackServer, Probe, orphan_safe
+from antiphon.daemon.jackprobe import Probe
+from antiphon.daemon.jackserver import JackServer, orphan_safe
 
 WAIT_MS = 250
 TARGETS = {"added_p50_ms": 1.0, "added_p99_ms": 2.0, "jitter_p99_ms": 1.0, "jitter_max_ms": 3.0,

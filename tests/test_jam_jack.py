@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from antiphon.daemon.jackserver import Probe
+from antiphon.daemon.jackprobe import Probe
 
 H = sys.modules["jackclient"]  # loaded by conftest.py
 WAIT_MS, ANSWER_MAX_S, PHRASE = H.WAIT_MS, H.ANSWER_MAX_S, H.PHRASE
@@ -136,8 +136,6 @@ def test_an_unknown_port_is_a_clear_error(jack):
 
 
 def test_an_output_that_vanishes_and_returns_gets_note_offs(jack, jam_model):
-    import rtmidi
-
     player = Probe(jack, "player")
     synth = Probe(jack, "synth")
     proc = start_jam(jack, jam_model, "antiphon-vanish", "--out-port", synth.hear_port)
@@ -145,18 +143,16 @@ def test_an_output_that_vanishes_and_returns_gets_note_offs(jack, jam_model):
         player.connect("antiphon-vanish:in", "antiphon-vanish-out:out")
         t_off = player.play(PHRASE)[-1]
         wait_first_note(synth, t_off, proc=proc)
-        synth.inp.cancel_callback()
-        synth.inp.delete()  # the synth quits mid-answer...
+        synth.quit_hearing()  # the synth quits mid-answer...
         jack.wait_ports("antiphon-vanish:in")
         time.sleep(0.5)
-        back: list[list[int]] = []
-        synth.inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="synth-hear")  # ...and comes back
-        synth.inp.set_callback(lambda event, _d=None: back.append(event[0]))
-        synth.inp.open_virtual_port("hear")
+        t_back = time.perf_counter()
+        synth.hear_again()  # ...and comes back
         deadline = time.monotonic() + 5
-        while [0xB0, 123, 0] not in back and time.monotonic() < deadline:
+        back = lambda: [m for _, m in synth.since(t_back)]
+        while [0xB0, 123, 0] not in back() and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert [0xB0, 123, 0] in back and [0xB0, 64, 0] in back, daemon_log(proc)
+        assert [0xB0, 123, 0] in back() and [0xB0, 64, 0] in back(), daemon_log(proc)
         assert proc.poll() is None
     finally:
         stop_jam(proc)

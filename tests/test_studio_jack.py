@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from antiphon.daemon.clock import MonotonicClock
-from antiphon.daemon.jackserver import Probe
+from antiphon.daemon.jackprobe import Probe
 
 H = sys.modules["jackclient"]  # loaded by conftest.py
 WAIT = H.WAIT_MS / 1000
@@ -230,11 +230,11 @@ def test_a_flood_keeps_memory_bounded_and_the_daemon_answering(rig):
         for j in range(per_ms):
             k = (ms * per_ms + j) % 10
             if k < 4:  # a note struck and released: the kind a MIDI feedback loop makes
-                probe.out.send_message([0x90 if k % 2 == 0 else 0x80, pitch + (ms % 24), 80 if k % 2 == 0 else 0])
+                probe.post([0x90 if k % 2 == 0 else 0x80, pitch + (ms % 24), 80 if k % 2 == 0 else 0])
             elif k < 7:
-                probe.out.send_message([0xB0, 1, ms % 128])  # mod wheel
+                probe.post([0xB0, 1, ms % 128])  # mod wheel
             else:
-                probe.out.send_message([0xD0, ms % 128])  # channel aftertouch
+                probe.post([0xD0, ms % 128])  # channel aftertouch
     t_end = clock.now()
     assert t_end - t0 <= flood_s * 1.1, f"the probe could not keep up: {t_end - t0:.1f} s"
     # JACK may lose note-offs while the graph xruns under the flood: such keys count as released
