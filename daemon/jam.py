@@ -235,14 +235,17 @@ class Jam:
     def close(self) -> None:
         from antiphon.daemon.ports import release
 
-        time.sleep(FLUSH_S)
-        release(self.midi_in)
-        release(self.midi_out)
-        self.studio.close()  # after the threads: every sent message is in the recorder's queue
+        # The threads are done: every sent message is in the recorder's queue. Files first, ports
+        # last: libjack's client teardown can crash the process (a race in RtMidi's JACK input),
+        # and then nothing after it would run.
+        self.studio.close()
         if self.cfg.stats:
             print(self.studio.stats(), file=sys.stderr, flush=True)
         if self.trace_file is not None:
             self.trace_file.close()
+        time.sleep(FLUSH_S)
+        release(self.midi_in)
+        release(self.midi_out)
 
 
 def main(args: Any) -> int:

@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -33,10 +34,13 @@ class Session:
     probe: Probe | None = None
     generation = -1
 
+    def __init__(self, record: Path) -> None:
+        self.record = record  # --record: the journal says what the daemon sent (see H.assert_closed)
+
     def get(self, jack, model) -> tuple[subprocess.Popen, Probe]:
         if self.generation != jack.restarts or self.proc is None or self.proc.poll() is not None:
             self.close()
-            self.proc = start_jam(jack, model, "antiphon")
+            self.proc = start_jam(jack, model, "antiphon", "--record", str(self.record))
             self.probe = Probe(jack, "probe")
             self.probe.connect("antiphon:in", "antiphon-out:out")
             self.generation = jack.restarts
@@ -51,19 +55,19 @@ class Session:
 
 
 @pytest.fixture(scope="module")
-def jam_shared():
-    session = Session()
+def jam_shared(tmp_path_factory):
+    session = Session(tmp_path_factory.mktemp("jam-record"))
     yield session
     session.close()
 
 
 @pytest.fixture()
 def jam_session(jack, jam_model, jam_shared):
-    return jam_shared.get(jack, jam_model)
+    return (*jam_shared.get(jack, jam_model), jam_shared.record)
 
 
 def test_answers_start_at_phrase_end_plus_wait_and_close_every_note(jam_session):
-    proc, probe = jam_session
+    proc, probe, record = jam_session
     delays = []
     for _ in range(4):
         t_off = probe.play(PHRASE)[-1]
@@ -71,7 +75,7 @@ def test_answers_start_at_phrase_end_plus_wait_and_close_every_note(jam_session)
         answer = probe.since(t_off)
         assert answer, f"no answer came; the daemon said:\n{daemon_log(proc)}"
         delays.append(first_note_on(answer) - t_off - WAIT_MS / 1000)
-        assert sounding(answer) == set()
+        H.assert_closed(answer, record, proc)
         assert all(m[0] & 0x0F == 0 for _, m in answer)  # out channel 1
     shown = [f"{1000 * d:.2f} ms" for d in delays]
     assert min(delays) >= 0.0 and statistics.median(delays) <= 0.005 and max(delays) <= 0.010, shown
@@ -79,7 +83,7 @@ def test_answers_start_at_phrase_end_plus_wait_and_close_every_note(jam_session)
 
 
 def test_barge_in_silences_the_answer_within_10_ms(jam_session):
-    proc, probe = jam_session
+    proc, probe, record = jam_session
     t_off = probe.play(PHRASE)[-1]
     first = wait_first_note(probe, t_off, proc=proc)
     time.sleep(max(0.0, first + 0.3 - time.perf_counter()))  # well inside the >= 1.5 s answer
@@ -89,10 +93,10 @@ def test_barge_in_silences_the_answer_within_10_ms(jam_session):
     heard = probe.since(t_off)
     by_10ms = [(t, m) for t, m in heard if t <= t_barge + 0.010]
     after = [(t, m) for t, m in heard if t_barge + 0.010 < t < t_barge + 0.4]
-    assert sounding(by_10ms) == set(), "answer notes still sounding 10 ms after the barge-in"
+    H.assert_closed(by_10ms, record, proc, by=t_barge + 0.010)  # answer notes silenced within 10 ms
     assert after == [], f"the answer went on after the barge-in: {after[:5]}"
     sleep_past_answer(t_release)  # the barge-in note was a call of its own: let its answer end
-    assert sounding(probe.since(t_off)) == set()
+    H.assert_closed(probe.since(t_off), record, proc)
 
 
 def test_sigterm_mid_answer_leaves_no_note_sounding(jack, jam_model):

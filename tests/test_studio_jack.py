@@ -69,21 +69,7 @@ def rig(jack_server, jam_model, tmp_path_factory):
 
 
 def assert_closed(rig: Rig, since: float) -> None:
-    """No answer note left sounding at the probe. Under xruns on a busy box JACK drops a cycle's
-    events (DESIGN.md 2; the unchanged test_jam_jack met it too): a note the probe never heard
-    released passes only if the daemon's own recording journal shows it sent that note-off (the
-    journal is flushed at each answer's end), i.e. antiphon closed it and the rig lost it."""
-    left = H.sounding(rig.probe.since(since))
-    if not left:
-        return
-    time.sleep(0.4)  # the idle look that makes the answer's end durable runs every 0.25 s
-    sent = []
-    for journal in rig.record.glob("*.journal"):
-        for line in journal.read_text().splitlines():
-            if line.startswith("A "):
-                sent.append((0.0, [int(b) for b in line.split()[2:]]))
-    assert sent and H.sounding(sent) == set(), f"notes {left} left sounding; {H.daemon_log(rig.proc)}"
-    print(f"note-offs for {left} sent by antiphon but lost by JACK")
+    H.assert_closed(rig.probe.since(since), rig.record, rig.proc)
 
 
 class DawClock(threading.Thread):
@@ -152,7 +138,7 @@ def test_answers_start_on_the_beat_of_the_daws_clock_and_stop_with_it(rig):
         daw.stop_flag.set()
         time.sleep(0.5)
         heard = rig.probe.since(t_off)
-        assert H.sounding([(t, m) for t, m in heard if t <= t_stop + 0.010]) == set(), H.daemon_log(rig.proc)
+        H.assert_closed(heard, rig.record, rig.proc, by=t_stop + 0.010)
         assert note_ons([(t, m) for t, m in heard if t > t_stop + 0.010]) == []
     finally:
         daw.stop_flag.set()
@@ -195,7 +181,7 @@ def test_live_controls_switch_off_panic_temperature_and_end_call(rig):
     probe.send([0xB0, 25, 0])
     time.sleep(0.5)
     heard = probe.since(t_off)
-    assert H.sounding([(t, m) for t, m in heard if t <= t_panic + 0.010]) == set(), H.daemon_log(proc)
+    H.assert_closed(heard, rig.record, proc, by=t_panic + 0.010)
     assert [0xB0, 123, 0] in [m for t, m in heard if t >= t_panic]
     assert note_ons([(t, m) for t, m in heard if t > t_panic + 0.010]) == []
     # Temperature knob to 0 (0.2): the next answer is sampled at 0.2 (the engine logs what its
@@ -333,7 +319,7 @@ def test_recording_survives_sigterm_and_sigkill(jack, jam_model, tmp_path):
     log = H.daemon_log(again)
     assert "record: recovered " in log, log
     path = Path(log.split("record: recovered ", 1)[1].split(" from a session", 1)[0])
-    assert sorted((tmp_path / "kill").glob("*.journal")) == []
+    assert sorted((tmp_path / "kill").glob("*.journal")) == [], (again.returncode, log)
     assert path.parent == tmp_path / "kill" and len(list(path.parent.glob("*.mid"))) == 2  # and the new session's
     tracks = _load_midi(path)
     # All but at most the last phrase: the first phrase and its answer are there in full.
