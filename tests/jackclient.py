@@ -102,6 +102,15 @@ def assert_closed(heard, record: Path, proc: subprocess.Popen, by: float | None 
     print(f"note-offs for {left} sent by antiphon but lost by JACK")
 
 
+def recorded_answer(record: Path) -> list[tuple[float, list[int]]]:
+    """The antiphon track of the one session file in `record`, in order (times are not needed)."""
+    import mido
+
+    (path,) = record.glob("*.mid")
+    track = next(t for t in mido.MidiFile(str(path)).tracks if t.name == "antiphon")
+    return [(0.0, m.bytes()) for m in track if not m.is_meta]
+
+
 def sleep_past_answer(t_last_event: float) -> None:
     """Until the answer to a call ending at t_last_event is over, however long its pauses."""
     time.sleep(max(0.0, t_last_event + WAIT_MS / 1000 + ANSWER_MAX_S + 0.3 - time.perf_counter()))
