@@ -19,6 +19,7 @@ thread only waits, logs warnings and draws the status line (status.py).
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import sys
@@ -90,6 +91,7 @@ class Jam:
         self.engine_q: queue.SimpleQueue = queue.SimpleQueue()
         self.stopping = stopping or threading.Event()
         self.error: BaseException | None = None
+        self.server_gone = False  # the JACK server died: its clients must not be closed
         from antiphon.daemon.studio import Studio
 
         # Before the ports: a recovered recording is reported, and the callback needs the inbox.
@@ -216,11 +218,18 @@ class Jam:
         from antiphon.daemon.status import StatusLine
 
         status = StatusLine(enabled=not self.cfg.quiet)
+        watch = self._jack_watch()
         try:
             while not self.stopping.wait(0.2):
                 now = self.clock.now()
                 self.studio.housekeeping(now)
                 status.show(self.studio, self.conv, self.scheduler.active(), now)
+                if watch is not None and not watch.alive():
+                    self.server_gone = True
+                    self.error = UserError(f"the JACK server '{watch.server}' stopped: antiphon can neither hear nor "
+                                           "play. Start JACK again, then `antiphon jam`")
+                    print(f"antiphon: {self.error}", file=sys.stderr, flush=True)  # even with --quiet
+                    break
         finally:
             status.stop()
             self.stopping.set()
@@ -231,6 +240,16 @@ class Jam:
                 self.scheduler.panic()
             self.close()
         return 1 if self.error is not None else 0
+
+    def _jack_watch(self) -> Any:
+        import rtmidi
+
+        from antiphon.daemon.jackwatch import JackWatch
+
+        if self.midi_in.get_current_api() != rtmidi.API_UNIX_JACK:
+            return None
+        watch = JackWatch()
+        return watch if watch.active else None
 
     def close(self) -> None:
         from antiphon.daemon.ports import release
@@ -243,6 +262,8 @@ class Jam:
             print(self.studio.stats(), file=sys.stderr, flush=True)
         if self.trace_file is not None:
             self.trace_file.close()
+        if self.server_gone:
+            return  # libjack crashes closing a client of a dead server; the process exit frees it
         time.sleep(FLUSH_S)
         release(self.midi_in)
         release(self.midi_out)
@@ -269,4 +290,10 @@ def main(args: Any) -> int:
     if not cfg.quiet:
         print(f"antiphon: listening on {jam.in_name}, answering on {jam.out_name} (channel {cfg.out_channel}); "
               f"model {jam.model_desc}; phrase ends after {cfg.wait_ms} ms", flush=True)
-    return jam.run()
+    rc = jam.run()
+    if jam.server_gone:
+        # Python's exit would close the rtmidi clients of the dead server (and crash in libjack).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc

@@ -167,3 +167,24 @@ def test_an_output_that_vanishes_and_returns_gets_note_offs(jack, jam_model):
         stop_jam(proc)
         player.close()
         synth.close()
+
+
+def test_a_jack_server_that_dies_ends_the_jam_with_a_clear_error(jam_model, tmp_path):
+    """Its own server (not the session's): killed mid-session, like a crashed or stopped jackd."""
+    from antiphon.daemon.jackserver import JackServer
+
+    server = JackServer().start()
+    try:
+        proc = start_jam(server, jam_model, "antiphon-orphan", "--record", str(tmp_path))
+        probe = Probe(server, "orphan-player")
+        probe.connect("antiphon-orphan:in", "antiphon-orphan-out:out")
+        wait_first_note(probe, probe.play(PHRASE)[-1], proc=proc)
+        server.proc.kill()  # no clean shutdown: clients find out by themselves
+        server.proc.wait(5)
+        rc = proc.wait(10)
+        probe.close()
+        log = daemon_log(proc)
+        assert rc != 0 and "the JACK server" in log and "stopped" in log and "Start JACK again" in log, log
+        assert len(list(tmp_path.glob("*.mid"))) == 1 and not list(tmp_path.glob("*.journal"))  # saved, not lost
+    finally:
+        server.stop()
