@@ -31,6 +31,7 @@ import numpy as np
 from antiphon.daemon.clock import MonotonicClock
 from antiphon.daemon.jackprobe import Probe
 from antiphon.daemon.jackserver import JackServer, orphan_safe
+from antiphon.daemon.jam import read_trace
 
 WAIT_MS = 250
 TARGETS = {"added_p50_ms": 1.0, "added_p99_ms": 2.0, "jitter_p99_ms": 1.0, "jitter_max_ms": 3.0,
@@ -119,8 +120,7 @@ def jitter(server: JackServer, model: str, busy: bool, calls: int) -> dict[str, 
         heard = list(p.probe.heard)
     finally:
         stderr = p.close()
-    sent = [(float(a), float(b), [int(x) for x in rest]) for a, b, *rest in
-            (line.split() for line in trace.read_text().splitlines())]
+    sent = read_trace(trace)
     pairs, i = [], 0
     for at, m in heard:  # JACK keeps order: walk both lists; a message lost on either side is skipped
         j = next((k for k in range(i, min(i + 16, len(sent))) if sent[k][2] == m), None)

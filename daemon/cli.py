@@ -1,8 +1,8 @@
 """The `antiphon` command.
 
 Argument parsing lives here, torch-free; each subcommand's work lives in its own module and
-is imported only when that subcommand runs, so `antiphon --help`, `ports` and `jam` never
-import torch. Flags that configure a dataclass are generated from its fields, so every flag
+is imported only when that subcommand runs, so `antiphon --help`, `ports` and `jam` never load
+PyTorch. Flags that configure a dataclass are generated from its fields, so every flag
 has a config field, a typed default and a help text in one place (daemon/config.py).
 """
 
@@ -99,6 +99,14 @@ def _train(p: argparse.ArgumentParser) -> None:
     add_config_args(p, ModelConfig, skip=("vocab_size",))
 
 
+def _sampling(p: argparse.ArgumentParser) -> None:
+    """The jam's sampling flags, with its defaults and help, for the offline commands."""
+    for name in ("temperature", "top_p", "follow_density"):
+        f = JamConfig.__dataclass_fields__[name]
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=f.default,
+                       help=f"{f.metadata['help']} (default: {f.default!r}, as jam)")
+
+
 def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="checkpoint (.pt) or ONNX model (default: the shipped model)")
     p.add_argument("--midi", required=True, help="folder of MIDI files to evaluate on")
@@ -107,11 +115,7 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-files", type=int, default=0, help="evaluate at most this many files (0: all)")
     p.add_argument("--phrases", type=int, default=32, help="held-out phrases for the musical metrics (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for the musical metrics")
-    p.add_argument("--temperature", type=float, default=JamConfig.temperature,
-                   help="sampling temperature of the metrics' responses (default: jam's)")
-    p.add_argument("--top-p", type=float, default=JamConfig.top_p, help="nucleus mass of the responses (default: jam's)")
-    p.add_argument("--follow-density", type=float, default=JamConfig.follow_density,
-                   help="how strongly responses follow the call's note rate (default: jam's; 0: the model's own)")
+    _sampling(p)
     p.add_argument("--markov-order", type=int, default=4,
                    help="longest context of the Markov baseline (4 scored best on valid_score; longer overfits)")
     p.add_argument("--markov-discount", type=float, default=0.95,
@@ -149,10 +153,7 @@ def _continue(p: argparse.ArgumentParser) -> None:
     length.add_argument("--seconds", type=float, help="length of the continuation in seconds")
     length.add_argument("--bars", type=float, help="length of the continuation in bars of the file's tempo")
     p.add_argument("--seed", type=int, default=-1, help="sampling seed (-1: random)")
-    p.add_argument("--temperature", type=float, default=JamConfig.temperature, help="sampling temperature")
-    p.add_argument("--top-p", type=float, default=JamConfig.top_p, help="nucleus sampling mass")
-    p.add_argument("--follow-density", type=float, default=JamConfig.follow_density,
-                   help="how strongly the continuation follows the input's recent note rate (0: the model's own)")
+    _sampling(p)
     p.add_argument("--model", default="", help="ONNX model (default: the shipped model)")
 
 

@@ -27,6 +27,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from antiphon.daemon.clock import MonotonicClock
@@ -38,6 +39,12 @@ from antiphon.daemon.errors import UserError
 # final note-offs a few periods to leave before the port closes.
 FLUSH_S = 0.05
 RECONNECT_S = 0.05
+
+
+def read_trace(path: str | Path) -> list[tuple[float, float, list[int]]]:
+    """A --trace file (written by Jam._trace): (due, sent, message bytes) per line."""
+    rows = (line.split() for line in Path(path).read_text().splitlines())
+    return [(float(due), float(sent), [int(b) for b in msg]) for due, sent, *msg in rows]
 
 
 def check_config(cfg: JamConfig) -> None:

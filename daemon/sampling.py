@@ -50,8 +50,7 @@ class Sampler:
         self.rng = np.random.default_rng(None if seed is None or seed < 0 else seed)
         self.temperature = float(temperature)
         self.top_p = float(top_p)
-        self.follow_density = float(follow_density)
-        w = min(self.follow_density, 0.95)
+        w = min(float(follow_density), 0.95)
         self.gain = w / (1.0 - w)
         self.rate = 0.0  # the call's notes per second; 0: no steer
         self.notes = self.steps = 0  # the answer's so far, as sampled

@@ -30,6 +30,7 @@ import pytest
 
 from antiphon.daemon.clock import MonotonicClock
 from antiphon.daemon.jackprobe import Probe
+from antiphon.daemon.jam import read_trace
 
 H = sys.modules["jackclient"]  # loaded by conftest.py
 WAIT = H.WAIT_MS / 1000
@@ -268,8 +269,7 @@ def struck(messages) -> list[int]:
 
 def traced_note_ons(trace: Path) -> list[int]:
     """The note-ons the daemon's scheduler sent (its --trace: due, sent, 3 bytes per line)."""
-    msgs = [[int(x) for x in line.split()[2:]] for line in trace.read_text().splitlines()]
-    return [m[1] for m in msgs if m[0] & 0xF0 == 0x90 and m[2] > 0]
+    return [m[1] for _, _, m in read_trace(trace) if m[0] & 0xF0 == 0x90 and m[2] > 0]
 
 
 def _record_session(jack, model, folder: Path, client: str, calls: int, *extra: str):
