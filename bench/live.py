@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from antiphon.daemon import bench_live
+from antiphon.daemon.rigs import bench_live
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=bench_live.__doc__.splitlines()[0])

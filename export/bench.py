@@ -3,7 +3,7 @@
 Rows: ort_kv (the daemon's Engine), ort_full (same graph, whole window recomputed per token),
 torch_kv (eager GPT with its cache), torch_full (eager, no cache), ort_int8_kv (int8 Engine),
 each at 1 and 2 intra-op threads and at several contexts. "Context N" means the new token
-attends to N positions (N - 1 cached). `--live` belongs to the daemon: antiphon.daemon.bench_live.
+attends to N positions (N - 1 cached). `--live` belongs to the daemon: antiphon.daemon.rigs.bench_live.
 """
 
 from __future__ import annotations
@@ -194,11 +194,11 @@ def main(args: argparse.Namespace) -> int:
         import importlib
 
         try:
-            bench_live = importlib.import_module("antiphon.daemon.bench_live")
+            bench_live = importlib.import_module("antiphon.daemon.rigs.bench_live")
         except ModuleNotFoundError as e:
-            if e.name != "antiphon.daemon.bench_live":
+            if e.name != "antiphon.daemon.rigs.bench_live":
                 raise
-            raise UserError("`antiphon bench --live` is not available in this version (no antiphon.daemon.bench_live)") from e
+            raise UserError("`antiphon bench --live` is not available in this version (no antiphon.daemon.rigs.bench_live)") from e
         return int(bench_live.main(args) or 0)
     from antiphon.export.cli import _quiet_exporter
 

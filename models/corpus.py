@@ -167,13 +167,16 @@ def _heldout_name(rec: dict[str, Any]) -> str:
 
 def write_outputs(out: Path, recs: list[dict[str, Any]], items: list[S.Item]) -> None:
     docs: dict[str, list[np.ndarray]] = {s: [] for s in shards.SPLITS}
+    kinds: dict[str, list[str]] = {s: [] for s in shards.SPLITS}
     for rec in recs:
         if rec["split"]:
             docs[rec["split"]].append(rec["_doc"])
+            kinds[rec["split"]].append(rec["kind"])
             if rec["split"] == "train":
                 docs["train"].extend(rec["_aug"])
+                kinds["train"].extend([rec["kind"]] * len(rec["_aug"]))
     for split in shards.SPLITS:
-        shards.write_split(out, split, docs[split])
+        shards.write_split(out, split, docs[split], kinds[split])
     for split in ("valid_perf", "valid_score"):
         folder = out / "heldout" / split
         shutil.rmtree(folder, ignore_errors=True)

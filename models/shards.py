@@ -2,6 +2,8 @@
 
     DIR/{split}.bin        uint16 tokens; every document is BOS ... EOS
     DIR/{split}.docs.npy   int64 offsets, n_docs + 1 entries (doc i is bin[off[i]:off[i+1]])
+    DIR/{split}.kinds.npy  uint8 per document: index into KINDS (what sort of music it is), so
+                           training can weight real performance against scores by share
 
 Flat files memory-map, so training reads random windows without loading the corpus.
 """
@@ -17,10 +19,14 @@ from antiphon.daemon import vocab as V
 from antiphon.daemon.errors import UserError
 
 SPLITS = ("train", "valid_perf", "valid_score")
+KINDS = ("performance", "score", "sequenced")  # augmented copies of scores count as scores
 
 
-def write_split(out_dir: str | Path, split: str, docs: Iterable[Sequence[int]]) -> int:
-    """Write documents (token lists without BOS/EOS) atomically; returns the token count."""
+def write_split(out_dir: str | Path, split: str, docs: Iterable[Sequence[int]],
+                kinds: Sequence[str] | None = None) -> int:
+    """Write documents (token lists without BOS/EOS) atomically; returns the token count.
+
+    `kinds`: one of KINDS per document (None: all "performance")."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     offsets = [0]
@@ -32,12 +38,31 @@ def write_split(out_dir: str | Path, split: str, docs: Iterable[Sequence[int]]) 
         chunks.append(arr)
         offsets.append(offsets[-1] + len(arr))
     tokens = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.uint16)
+    codes = np.zeros(len(chunks), dtype=np.uint8) if kinds is None else np.array(
+        [KINDS.index(k) for k in kinds], dtype=np.uint8)
+    if codes.size != len(chunks):
+        raise ValueError(f"{len(chunks)} documents but {codes.size} kinds")
     tmp_bin, tmp_off = out_dir / f".{split}.bin.tmp", out_dir / f".{split}.docs.tmp.npy"
+    tmp_kind = out_dir / f".{split}.kinds.tmp.npy"
     tokens.tofile(tmp_bin)
     np.save(tmp_off, np.asarray(offsets, dtype=np.int64))
+    np.save(tmp_kind, codes)
+    tmp_kind.replace(out_dir / f"{split}.kinds.npy")
     tmp_bin.replace(out_dir / f"{split}.bin")
     tmp_off.replace(out_dir / f"{split}.docs.npy")
     return int(tokens.size)
+
+
+def read_kinds(data_dir: str | Path, split: str, n_docs: int) -> np.ndarray:
+    """uint8 codes into KINDS, one per document; a corpus built before kinds were recorded is refused."""
+    path = Path(data_dir) / f"{split}.kinds.npy"
+    if not path.is_file():
+        raise UserError(f"{path}: missing (the corpus predates per-document kinds); rebuild it with "
+                        "`antiphon data build`, or train with --perf-share 0")
+    codes = np.load(path)
+    if codes.shape != (n_docs,):
+        raise UserError(f"{path}: {codes.size} kinds for {n_docs} documents; rebuild the corpus")
+    return codes
 
 
 def read_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -81,7 +81,7 @@ def tiny_model(tmp_path_factory) -> TinyModel:
 def jack_server():
     """A private headless jackd (dummy driver, 48 kHz, period 64) for the whole session; about 1 s
     to start. Use the `jack` fixture in tests: it restarts the server when it stopped answering."""
-    from antiphon.daemon.jackserver import JackServer
+    from antiphon.daemon.rigs.jackserver import JackServer
 
     server = JackServer().start()
     yield server

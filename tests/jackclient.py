@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from antiphon.daemon.jackprobe import Probe
-from antiphon.daemon.jackserver import orphan_safe
+from antiphon.daemon.rigs.jackprobe import Probe
+from antiphon.daemon.rigs.jackserver import orphan_safe
 
 WAIT_MS = 300
 ANSWER_MAX_S = 2.0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from antiphon.daemon.jackprobe import Probe
+from antiphon.daemon.rigs.jackprobe import Probe
 
 H = sys.modules["jackclient"]  # loaded by conftest.py
 WAIT_MS, ANSWER_MAX_S, PHRASE = H.WAIT_MS, H.ANSWER_MAX_S, H.PHRASE
@@ -171,7 +171,7 @@ def test_an_output_that_vanishes_and_returns_gets_note_offs(jack, jam_model):
 
 def test_a_jack_server_that_dies_ends_the_jam_with_a_clear_error(jam_model, tmp_path):
     """Its own server (not the session's): killed mid-session, like a crashed or stopped jackd."""
-    from antiphon.daemon.jackserver import JackServer
+    from antiphon.daemon.rigs.jackserver import JackServer
 
     server = JackServer().start()
     try:

@@ -12,7 +12,7 @@ import pytest
 
 from antiphon.daemon import ports
 from antiphon.daemon.errors import UserError
-from antiphon.daemon.jackprobe import Probe
+from antiphon.daemon.rigs.jackprobe import Probe
 
 SYNTHS = ["Midi Through:Midi Through Port-0 14:0", "FLUID Synth (1234):Synth input port (1234:0) 128:0",
           "fluidsynth:midi_00", "Surge XT:in"]

@@ -53,7 +53,7 @@ def test_render_refuses_bad_input_clearly(tmp_path):
 def answer_coloured_pixels(png: Path) -> int:
     import matplotlib.image
 
-    from antiphon.daemon.render import ANSWER_RGB
+    from antiphon.daemon.offline.render import ANSWER_RGB
 
     rgb = matplotlib.image.imread(str(png))[..., :3]
     return int((np.abs(rgb - np.array(ANSWER_RGB)).max(axis=-1) < 0.2).sum())

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from antiphon.daemon.clock import MonotonicClock
-from antiphon.daemon.jackprobe import Probe
+from antiphon.daemon.rigs.jackprobe import Probe
 from antiphon.daemon.jam import read_trace
 
 H = sys.modules["jackclient"]  # loaded by conftest.py

@@ -9,7 +9,7 @@
    idle and with a CPU-busy pure-Python thread inside the daemon (the GIL case).
 3. Daemon start-up (process start → ports ready) and peak RSS.
 
-`python -m antiphon.daemon.bench_live echo|busy ...` are the helper processes.
+`python -m antiphon.daemon.rigs.bench_live echo|busy ...` are the helper processes.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from antiphon.daemon.clock import MonotonicClock
-from antiphon.daemon.jackprobe import Probe
-from antiphon.daemon.jackserver import JackServer, orphan_safe
+from antiphon.daemon.rigs.jackprobe import Probe
+from antiphon.daemon.rigs.jackserver import JackServer, orphan_safe
 from antiphon.daemon.jam import read_trace
 
 WAIT_MS = 250
@@ -109,7 +109,7 @@ def first_note_latencies(p: Partner, calls: int) -> tuple[list[float], int]:
 def jitter(server: JackServer, model: str, busy: bool, calls: int) -> dict[str, float]:
     trace = Path(tempfile.mkdtemp()) / "trace.txt"
     client = "antiphon-busy" if busy else "antiphon-jit"
-    argv = [sys.executable, "-m", "antiphon.daemon.bench_live", "busy" if busy else "jam", "--api", "jack",
+    argv = [sys.executable, "-m", "antiphon.daemon.rigs.bench_live", "busy" if busy else "jam", "--api", "jack",
             "--client-name", client, "--model", model, "--wait-ms", str(WAIT_MS), "--seed", "5",
             "--answer-min-s", "2", "--answer-max-s", "2", "--trace", str(trace)]
     p = Partner(server, argv, client, f"probe-{client}")
@@ -145,7 +145,7 @@ def run(model: str, quick: bool, log: Any) -> dict[str, Any]:
     res: dict[str, Any] = {"wait_ms": WAIT_MS, "calls": calls, "model": model, "targets": TARGETS}
     with JackServer() as server:
         log("floor: echo partner")
-        echo = Partner(server, [sys.executable, "-m", "antiphon.daemon.bench_live", "echo", "--client-name",
+        echo = Partner(server, [sys.executable, "-m", "antiphon.daemon.rigs.bench_live", "echo", "--client-name",
                                 "echo"], "echo", "probe-echo")
         try:
             floor, floor_missing = first_note_latencies(echo, calls)

@@ -1,7 +1,7 @@
 """A test musician on a JACK server, for the end-to-end tests and `antiphon bench --live`.
 
 The probe plays into one port and records another. Its two rtmidi clients live in a child
-process (`python -m antiphon.daemon.jackprobe NAME`), driven over a pipe: libjack's client
+process (`python -m antiphon.daemon.rigs.jackprobe NAME`), driven over a pipe: libjack's client
 teardown races with the client's own process thread (RtMidi's JACK input unregisters its port
 while that thread may still read it), and a segfault closing a probe once killed a whole test
 session. A child that crashes while closing harms nothing.
@@ -33,14 +33,14 @@ REPLY_TIMEOUT_S = 30.0
 
 class Probe:
     def __init__(self, server: Any, name: str = "probe") -> None:
-        from antiphon.daemon.jackserver import orphan_safe
+        from antiphon.daemon.rigs.jackserver import orphan_safe
 
         self.server, self.name = server, name
         self.heard: list[tuple[float, list[int]]] = []
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
         # stderr to a file: libjack can say a lot when a server restarts, and a full pipe would block.
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed with the probe
-        self.proc = subprocess.Popen(orphan_safe([sys.executable, "-m", "antiphon.daemon.jackprobe", name]),
+        self.proc = subprocess.Popen(orphan_safe([sys.executable, "-m", "antiphon.daemon.rigs.jackprobe", name]),
                                      env=server.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._log, text=True, bufsize=1)
         self._reader = threading.Thread(target=self._read, name=f"probe-{name}", daemon=True)

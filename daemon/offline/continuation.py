@@ -19,7 +19,7 @@ from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
 from antiphon.daemon.engine import Engine
 from antiphon.daemon.errors import UserError
-from antiphon.daemon.render import ANSWER_TRACK
+from antiphon.daemon.offline.render import ANSWER_TRACK
 from antiphon.daemon.sampling import Sampler, grammar_mask
 
 DEFAULT_SECONDS = 8.0

@@ -1,0 +1,1 @@
+"""Test and benchmark rigs: a private JACK server, a JACK probe client, the live benchmark."""
