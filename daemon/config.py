@@ -60,7 +60,11 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "gradient norm clip")
     eval_every: int = _f(250, "steps between held-out evaluations and checkpoints")
     eval_batches: int = _f(20, "batches per held-out evaluation")
-    augment: bool = _f(True, "augment score data (transposition, tempo, jitter, velocity)")
+    augment: bool = _f(True, "augment on the fly: random transposition of every window, and for real "
+                             "performances also tempo (±10 %, slow drift), velocity curves and onset jitter")
+    perf_share: float = _f(0.0, "share of training windows drawn from real performances (the rest by token "
+                                "count from scores and sequenced music); 0: every token equally likely")
+    init: str = _f("", "start from this checkpoint's weights (new optimizer and schedule): fine-tuning")
     seed: int = _f(1337, "random seed")
     device: str = _f("auto", "auto, cpu or cuda")
     threads: int = _f(0, "torch intra-op threads on CPU (0 = torch default)")

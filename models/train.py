@@ -139,10 +139,33 @@ def evaluate(model: GPT, windows: np.ndarray, env: Env, batch_size: int, amp) ->
     return float(total[0] / total[1].clamp(min=1))
 
 
+SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "context", "rope_base")
+
+
+def init_weights(model: GPT, m: ModelConfig, path: str) -> str | None:
+    """Load a checkpoint's weights to fine-tune from; returns its run id (the new run's parent)."""
+    ck = load_checkpoint(path)  # refuses another vocabulary, naming both
+    theirs = model_config_of(ck)
+    clash = [f"{k} {getattr(theirs, k)!r} there, {getattr(m, k)!r} here" for k in SHAPE_FIELDS
+             if getattr(theirs, k) != getattr(m, k)]
+    if clash:
+        raise UserError(f"--init {path}: its model shape differs from this run's ({'; '.join(clash)}); "
+                        "give the same shape flags (or none: the checkpoint's shape is then taken)")
+    model.load_state_dict(ck["model"])
+    return ck.get("run_id")
+
+
 def resolve_configs(args, out: Path) -> tuple[TrainConfig, ModelConfig, dict[str, Any] | None]:
     tcfg, mcfg = cli.configs(args, TrainConfig, ModelConfig)
     mcfg = dataclasses.replace(mcfg, vocab_size=V.VOCAB_SIZE)
     last = out / "last.pt"
+    if tcfg.init and not getattr(args, "resume", False):
+        # The checkpoint's shape, unless shape flags were given (init_weights then checks they agree).
+        given_m = set(cli.read_config_file(getattr(args, "config", None)).get("ModelConfig", {}))
+        given_m |= {k.split(".", 1)[1] for k in vars(args) if k.startswith("ModelConfig.")}
+        theirs = model_config_of(load_checkpoint(tcfg.init))
+        mcfg = dataclasses.replace(theirs, **{k: getattr(mcfg, k) for k in given_m if k != "vocab_size"},
+                                   vocab_size=V.VOCAB_SIZE)
     if not getattr(args, "resume", False):
         if last.exists():
             raise UserError(f"{out} already holds a run (last.pt); pass --resume to continue it, "
@@ -217,7 +240,8 @@ def train(t: TrainConfig, m: ModelConfig, env: Env, ck: dict[str, Any] | None, s
 
     console = Console(stderr=True, width=None if os.isatty(2) else 120)
     out = Path(t.out)
-    train_split = D.load_split(t.data, "train", t.seq_len + 1)
+    train_split = D.load_split(t.data, "train", t.seq_len + 1, with_kinds=t.perf_share > 0)
+    windows = D.WindowSampler(train_split, t.seq_len, t.perf_share, t.augment)
     valid = {name: D.eval_windows(D.load_split(t.data, name, 2), t.eval_batches * t.batch_size, t.seq_len, t.seed)
              for name in ("valid_perf", "valid_score")}
     if t.seq_len > m.context:
@@ -227,7 +251,9 @@ def train(t: TrainConfig, m: ModelConfig, env: Env, ck: dict[str, Any] | None, s
     model = GPT(m).to(env.device)
     opt = make_optimizer(model, t, env.device)
     start, best, wall, run_id = 0, math.inf, 0.0, None
+    parent = init_weights(model, m, t.init) if t.init and ck is None else None
     if ck is not None:
+        parent = ck.get("parent_run_id")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start, best, wall, run_id = ck["step"], ck["best_valid_perf"], ck["wall_s"], ck["run_id"]
@@ -251,7 +277,7 @@ def train(t: TrainConfig, m: ModelConfig, env: Env, ck: dict[str, Any] | None, s
         if not env.main:
             return
         meta = {"step": step, "train_config": to_dict(t), "best_valid_perf": best, "wall_s": wall,
-                "valid": losses, "tokens_seen": step * tokens_per_step}
+                "valid": losses, "tokens_seen": step * tokens_per_step, "parent_run_id": parent}
         if run_id is None:
             run_id = f"{int(time.time()):x}"
         save_checkpoint(out / "last.pt", model, m, {**meta, "run_id": run_id, "optimizer": opt.state_dict(),
@@ -289,8 +315,7 @@ def train(t: TrainConfig, m: ModelConfig, env: Env, ck: dict[str, Any] | None, s
                 group["lr"] = lr
             rng = D.step_rng(t.seed, env.rank, step)
             torch.manual_seed(int(rng.integers(2**62)))  # dropout masks, per rank and step
-            x, y = (torch.from_numpy(a).to(env.device) for a in D.sample_batch(
-                train_split, t.batch_size, t.seq_len, rng, t.augment))
+            x, y = (torch.from_numpy(a).to(env.device) for a in windows.batch(t.batch_size, rng))
             try:
                 loss = step_loss(ddp, x, y, amp)
                 opt.zero_grad(set_to_none=True)

@@ -14,8 +14,9 @@ import torch
 
 from antiphon.daemon import cli
 from antiphon.daemon import vocab as V
+from antiphon.models import window_augment
 from antiphon.models.checkpoint import load_model
-from antiphon.models.data import transpose
+from antiphon.models.data import WindowSampler, load_split, transpose
 from antiphon.models.shards import write_split
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--d-model", "64", "--context", "128", "--seq-len", "64",
@@ -46,9 +47,9 @@ def corpus_dir(tmp_path_factory) -> Path:
     docs = chorale_docs(12)
     perf = codec.encode_file(Path(__file__).parent / "data" / "satie_gymnopedie1_hannds.mid")
     root = tmp_path_factory.mktemp("corpus")
-    write_split(root, "train", docs[:9] + [perf])
-    write_split(root, "valid_perf", docs[9:10])
-    write_split(root, "valid_score", docs[10:])
+    write_split(root, "train", docs[:9] + [perf], ["score"] * 9 + ["performance"])
+    write_split(root, "valid_perf", docs[9:10], ["score"])
+    write_split(root, "valid_score", docs[10:], ["score"] * 2)
     return root
 
 
@@ -149,3 +150,70 @@ def test_transpose_shifts_notes_only_and_stays_on_keyboard():
     assert set(np.unique(shifts)) == set(range(-6, 3))  # 125 + 2 = 127 is the top of the keyboard
     assert (out[:, 3] - row[3] == shifts).all() and (out[:, 5] - row[5] == shifts).all()
     assert (out[:, [0, 2, 4, 6]] == np.array(row)[[0, 2, 4, 6]]).all()
+
+
+def test_perf_share_draws_that_share_of_windows_from_performances(corpus_dir):
+    split = load_split(str(corpus_dir), "train", 65, with_kinds=True)
+    perf_lo, perf_hi = int(split.offsets[-2]), int(split.offsets[-1])  # the Satie is the last document
+    rng = np.random.default_rng(1)
+    for share, lo, hi in ((1.0, 1.0, 1.0), (0.5, 0.4, 0.6), (0.0, 0.0, 0.4)):
+        sampler = WindowSampler(split, 64, share, augment=False)
+        x, y = sampler.batch(400, rng)
+        assert x.shape == y.shape == (400, 64) and (x[:, 1:] == y[:, :-1]).all()
+        # A window from the performance holds its tokens; a chorale window cannot (no pedal, other notes).
+        tokens = np.asarray(split.tokens[perf_lo:perf_hi], dtype=np.int64)
+        starts = [int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(tokens, 8) == row[:8]).all(1)).size > 0)
+                  for row in x]
+        assert lo <= np.mean(starts) <= hi, (share, np.mean(starts))
+
+
+def test_perf_share_needs_kinds_and_performances(corpus_dir, tmp_path):
+    split = load_split(str(corpus_dir), "valid_score", 65, with_kinds=True)  # chorales only
+    with pytest.raises(Exception, match="no performance documents"):
+        WindowSampler(split, 64, 0.5)
+    (tmp_path / "c").mkdir()
+    for f in corpus_dir.iterdir():
+        if not f.name.endswith(".kinds.npy"):
+            (tmp_path / "c" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(Exception, match="rebuild it"):
+        load_split(str(tmp_path / "c"), "train", 65, with_kinds=True)
+
+
+def test_performance_variation_changes_tempo_and_dynamics_not_the_notes():
+    from antiphon.daemon import codec
+
+    tokens = np.array(codec.encode_file(Path(__file__).parent / "data" / "satie_gymnopedie1_hannds.mid"))
+    seconds = lambda t: V.STEP_S * sum(x - V.TIME_SHIFT + 1 for x in t if V.TIME_SHIFT <= x < V.VELOCITY)
+    events = lambda t: [x for x in t if x < V.TIME_SHIFT or x >= V.SUSTAIN_ON]
+    ratios, loudness = [], []
+    for seed in range(20):
+        out = window_augment.vary(tokens, np.random.default_rng(seed))
+        assert events(out) == events(tokens)  # notes and pedal in the same order: only time and velocity move
+        ratios.append(seconds(out) / seconds(tokens))
+        perf = codec.decode_performance(out)
+        loudness.append(np.mean([n.velocity for n in perf.notes]))
+    assert 0.86 < min(ratios) < 0.97 and 1.03 < max(ratios) < 1.14  # ±10 % tempo, with drift
+    base = np.mean([n.velocity for n in codec.decode_performance(list(tokens)).notes])
+    assert min(loudness) < 0.9 * base and max(loudness) > 1.1 * base
+
+
+def test_init_fine_tunes_from_a_checkpoint_and_records_its_parent(corpus_dir, tmp_path, capsys):
+    parent = tmp_path / "parent"
+    assert train(capsys, "--data", str(corpus_dir), "--out", str(parent), "--steps", "30", "--eval-every", "30",
+                 *TINY) == 0
+    child = tmp_path / "child"
+    tiny = ["--seq-len", "64", "--batch-size", "8", "--eval-batches", "2", "--warmup-steps", "5", "--lr", "0.001",
+            "--threads", "1", "--device", "cpu"]
+    assert train(capsys, "--data", str(corpus_dir), "--out", str(child), "--steps", "10", "--eval-every", "10",
+                 "--perf-share", "0.5", "--init", str(parent / "last.pt"), *tiny) == 0
+    _, cfg, meta = load_model(child / "last.pt")
+    _, _, parent_meta = load_model(parent / "last.pt")
+    assert cfg.d_model == 64 and cfg.n_layer == 2  # the parent's shape, taken without shape flags
+    assert meta["parent_run_id"] == parent_meta["run_id"] != meta["run_id"]
+    step0 = log_rows(child)[0]
+    assert step0["step"] == 0 and abs(step0["valid_score"] - parent_meta["valid"]["valid_score"]) < 1e-6
+    # A shape that differs from the checkpoint's is refused, naming both.
+    assert cli.main(["train", "--data", str(corpus_dir), "--out", str(tmp_path / "bad"), "--init",
+                     str(parent / "last.pt"), "--d-model", "32", *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "d_model 64 there, 32 here" in " ".join(err.split())
