@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from antiphon.daemon.clock import MonotonicClock
+from antiphon.daemon.jam import read_trace
 from antiphon.daemon.rigs.jackprobe import Probe
 from antiphon.daemon.rigs.jackserver import JackServer, orphan_safe
-from antiphon.daemon.jam import read_trace
 
 WAIT_MS = 250
 TARGETS = {"added_p50_ms": 1.0, "added_p99_ms": 2.0, "jitter_p99_ms": 1.0, "jitter_max_ms": 3.0,
