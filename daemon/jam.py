@@ -105,6 +105,9 @@ class Jam:
         self.studio = Studio(cfg, self.clock, log)
         on_midi = self.studio.callback(self.sched_q.put)  # timestamp, admit, enqueue: all it may do
 
+        advice = ports.jack_advice(cfg.api)
+        if advice:
+            print(f"antiphon: {advice}", file=sys.stderr, flush=True)  # even with --quiet: it may never work
         # Ports first: a wrong port name fails in milliseconds, before the model loads. Input that
         # arrives before the threads start waits in the queue with its true timestamp.
         self.midi_out, self.out_name = ports.open_output(cfg.api, cfg.client_name, cfg.out_port)

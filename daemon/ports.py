@@ -57,6 +57,37 @@ def resolve_api(api: str = "") -> int:
     return const
 
 
+REBUILD_RTMIDI = "pip install --force-reinstall --no-deps --no-binary python-rtmidi python-rtmidi"
+
+
+def bundled_libjack(files: Sequence[Any] | None = None) -> str:
+    """The libjack that python-rtmidi's PyPI wheel carries inside it ('' when rtmidi was built
+    against the system's libjack). `files`: the installed distribution's file list (for tests)."""
+    if files is None:
+        import importlib.metadata as md
+
+        try:
+            files = md.files("python-rtmidi") or []
+        except md.PackageNotFoundError:
+            return ""
+    return next((str(f) for f in files if os.path.basename(str(f)).startswith("libjack")), "")
+
+
+def jack_advice(api: str = "", files: Sequence[Any] | None = None) -> str:
+    """What to tell a JACK user whose python-rtmidi carries its own libjack ('' when all is well).
+
+    The wheel's libjack 1.9.22 hung Debian's 1.9.21 server in 5 of 30 runs here (DESIGN.md 2), and
+    a private libjack never reaches PipeWire's JACK, which is reached through the system's libjack."""
+    if api_name(api) != "jack":
+        return ""
+    lib = bundled_libjack(files)
+    if not lib:
+        return ""
+    return (f"warning: this python-rtmidi carries its own libjack ({lib}), which can hang a JACK server "
+            "or miss PipeWire's JACK. Build it against your system's libjack (Debian/Ubuntu: sudo apt-get "
+            f"install libjack-jackd2-dev libasound2-dev pkg-config build-essential), then: {REBUILD_RTMIDI}")
+
+
 def _hint(api: str) -> str:
     name = api_name(api)
     if name == "jack":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +77,74 @@ def tiny_model(tmp_path_factory) -> TinyModel:
     return TinyModel(model, cfg, root / "tiny.pt", onnx_path, int8, tokens, report)
 
 
+# --------------------------------------------------------------------------- system programs
+
+# program -> the Debian/Ubuntu package that provides it (tests/setup-and-run installs them all).
+SYSTEM_PACKAGES = {"jackd": "jackd2", "fluidsynth": "fluidsynth", "abc2midi": "abcmidi",
+                   "jack_midi_clock": "jack-midi-clock"}
+
+
+def on_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing(what: str, package: str) -> None:
+    """Skip the test (fail it under CI=true, where every package must be there) for want of `package`."""
+    msg = (f"needs {what}: install the Debian/Ubuntu package {package} (sudo apt-get install {package}; "
+           "tests/setup-and-run installs it when run as root)")
+    if on_ci():
+        pytest.fail(f"CI=true: {msg}", pytrace=False)
+    pytest.skip(msg)
+
+
+def system_program(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        missing(f"the program {name}", SYSTEM_PACKAGES[name])
+    return path
+
+
+@pytest.fixture(scope="session")
+def jackd() -> str:
+    """Debian's JACK server, and a python-rtmidi that can talk to it."""
+    path = system_program("jackd")
+    import rtmidi
+
+    if rtmidi.API_UNIX_JACK not in rtmidi.get_compiled_api():
+        from antiphon.daemon.ports import REBUILD_RTMIDI
+
+        missing("a python-rtmidi built with JACK", f"libjack-jackd2-dev (then: {REBUILD_RTMIDI})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fluidsynth() -> str:
+    """FluidSynth and a General MIDI soundfont, for rendering audio."""
+    path = system_program("fluidsynth")
+    from antiphon.daemon.errors import UserError
+    from antiphon.daemon.offline.render import find_soundfont
+
+    try:
+        find_soundfont()
+    except UserError:
+        missing("a General MIDI soundfont", "fluid-soundfont-gm")
+    return path
+
+
+@pytest.fixture(scope="session")
+def abc2midi() -> str:
+    return system_program("abc2midi")
+
+
+@pytest.fixture(scope="session")
+def jack_midi_clock() -> str:
+    return system_program("jack_midi_clock")
+
+
 # --------------------------------------------------------------------------- JACK (jam, ports, bench --live)
 
 @pytest.fixture(scope="session")
-def jack_server():
+def jack_server(jackd):
     """A private headless jackd (dummy driver, 48 kHz, period 64) for the whole session; about 1 s
     to start. Use the `jack` fixture in tests: it restarts the server when it stopped answering."""
     from antiphon.daemon.rigs.jackserver import JackServer

@@ -31,7 +31,7 @@ TUNE = [60, 62, 64, 65, 67, 65, 64, 62, 60, 67, 69, 71, 72, 71, 69, 67, 65, 64, 
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):
+def builds(tmp_path_factory, abc2midi):
     root = tmp_path_factory.mktemp("corpus")
     cache = root / "cache"
     wheel_dir = REPO / "data" / "cache" / "pip"

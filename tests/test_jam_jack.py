@@ -169,7 +169,7 @@ def test_an_output_that_vanishes_and_returns_gets_note_offs(jack, jam_model):
         synth.close()
 
 
-def test_a_jack_server_that_dies_ends_the_jam_with_a_clear_error(jam_model, tmp_path):
+def test_a_jack_server_that_dies_ends_the_jam_with_a_clear_error(jackd, jam_model, tmp_path):
     """Its own server (not the session's): killed mid-session, like a crashed or stopped jackd."""
     from antiphon.daemon.rigs.jackserver import JackServer
 

@@ -106,3 +106,19 @@ def test_ports_without_the_midi_system_says_what_to_do():
     else:
         assert proc.returncode == 2
         assert "cannot open the MIDI system" in proc.stderr and "--api jack" in proc.stderr
+
+
+def test_jack_users_of_the_rtmidi_wheel_are_told_how_to_rebuild_it(monkeypatch):
+    monkeypatch.delenv("RTMIDI_API", raising=False)
+    wheel = ["rtmidi/__init__.py", "rtmidi/_rtmidi.cpython-311-x86_64-linux-gnu.so",
+             "python_rtmidi.libs/libjack-5305d520.so.0.1.0"]
+    source_build = wheel[:2]
+    advice = ports.jack_advice("jack", wheel)
+    assert "python_rtmidi.libs/libjack-5305d520.so.0.1.0" in advice
+    assert "pip install --force-reinstall --no-deps --no-binary python-rtmidi python-rtmidi" in advice
+    assert ports.jack_advice("jack", source_build) == ""
+    assert ports.jack_advice("alsa", wheel) == ""  # only JACK goes through the bundled library
+    monkeypatch.setenv("RTMIDI_API", "jack")
+    assert ports.jack_advice("", wheel) == advice
+    # The same command is the README's, so a user reading either gets one answer.
+    assert ports.REBUILD_RTMIDI in (Path(__file__).parents[1] / "README.md").read_text()

@@ -25,7 +25,7 @@ def antiphon(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "antiphon", *args], capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_render_png_and_wav_of_a_real_performance(tmp_path):
+def test_render_png_and_wav_of_a_real_performance(tmp_path, fluidsynth):
     png, wav = tmp_path / "roll.png", tmp_path / "out.wav"
     proc = antiphon("render", str(SATIE), "--png", str(png), "--wav", str(wav))
     assert proc.returncode == 0, proc.stderr
@@ -59,7 +59,7 @@ def answer_coloured_pixels(png: Path) -> int:
     return int((np.abs(rgb - np.array(ANSWER_RGB)).max(axis=-1) < 0.2).sum())
 
 
-def test_a_jam_recording_renders_with_the_answer_in_its_own_colour(tmp_path):
+def test_a_jam_recording_renders_with_the_answer_in_its_own_colour(tmp_path, fluidsynth):
     """A session file as `jam --record` writes it (tracks "player" and "antiphon", tempo) renders to
     a picture whose answer-coloured area is the answer's notes, not only the legend's swatch."""
     from antiphon.daemon.recorder import SessionRecorder
