@@ -124,7 +124,8 @@ class JamConfig:
     inbox_size: int = _f(4096, "MIDI input messages that may wait to be handled; more are dropped and counted")
     quiet: bool = _f(False, "no status output")
     stats: bool = _f(False, "print answer-note send latency percentiles when the jam ends")
-    trace: str = _f("", "file to log every sent message's due and send times to (for `antiphon bench --live`)")
+    trace: str = _f("", "file to log every sent message to: due and send times, bytes, and the song position "
+                        "(beats) it was placed at under MIDI clock, '-' in free time (for `antiphon bench --live`)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -41,10 +41,17 @@ FLUSH_S = 0.05
 RECONNECT_S = 0.05
 
 
-def read_trace(path: str | Path) -> list[tuple[float, float, list[int]]]:
-    """A --trace file (written by Jam._trace): (due, sent, message bytes) per line."""
+def read_trace_beats(path: str | Path) -> list[tuple[float, float, list[int], float | None]]:
+    """A --trace file (written by Jam._trace): (due, sent, the 3 message bytes, the song position
+    in beats its due time had on the MIDI clock when sent, None in free time) per line."""
     rows = (line.split() for line in Path(path).read_text().splitlines())
-    return [(float(due), float(sent), [int(b) for b in msg]) for due, sent, *msg in rows]
+    return [(float(due), float(sent), [int(a), int(b), int(c)], None if beats == "-" else float(beats))
+            for due, sent, a, b, c, beats in rows]
+
+
+def read_trace(path: str | Path) -> list[tuple[float, float, list[int]]]:
+    """A --trace file: (due, sent, message bytes) per line."""
+    return [(due, sent, msg) for due, sent, msg, _ in read_trace_beats(path)]
 
 
 def check_config(cfg: JamConfig) -> None:
@@ -154,9 +161,10 @@ class Jam:
     # ------------------------------------------------------------------ queue plumbing
 
     def _trace(self, due: float, sent: float, msg: list[int]) -> None:
-        self.studio.on_sent(due, sent, msg)
+        beats = self.studio.on_sent(due, sent, msg)
         if self.trace_file is not None:
-            self.trace_file.write(f"{due:.6f} {sent:.6f} {msg[0]} {msg[1]} {msg[2]}\n")
+            at = "-" if beats is None else f"{beats:.4f}"
+            self.trace_file.write(f"{due:.6f} {sent:.6f} {msg[0]} {msg[1]} {msg[2]} {at}\n")
 
     def _submit(self, gen: int, items: list) -> None:
         self.sched_q.put(("submit", gen, items))

@@ -4,14 +4,27 @@ MIDI clock is 24 ticks per quarter note (0xF8), with transport messages Start (0
 tick is the downbeat of position 0), Continue (0xFB: the next tick is at the current position),
 Stop (0xFC) and Song Position Pointer (0xF2, in sixteenths, only meaningful while stopped).
 
-Tempo is a least-squares line through the last `window` tick timestamps, so one tick's jitter
-moves it by ~1/window of that jitter. A tempo change shows up as several successive ticks off
-the line on the same side; the line then restarts from those ticks alone, so a jump from 120 to
-90 bpm is followed within a fraction of a beat instead of after a whole window. Position counts
-ticks, as the MIDI spec has it: a tick lost on the way restarts the fit like a tempo change and
-leaves the position one tick (1/24 beat) behind until the next Start or Song Position Pointer.
+Position comes from time, not from counting. JACK loses a late client's cycle of events, repeats
+one now and then, and delivers a stalled client's ticks late and bunched together (DESIGN.md 2),
+so a follower that counts ticks drifts a tick per loss. Here every tick gets its index on the
+fitted tempo line: the index whose line time lies nearest to the tick's arrival, never the index
+of the tick before. A tick that lands where the previous one already stands is a repeat or one of
+a late bunch, and is not counted; a tick two periods after the last is the one after a lost one.
+The song position is then the line itself, anchored by the last Start, Continue or Song Position
+Pointer, so ticks delivered late move neither the position nor the tempo.
 
-`feed` is called by one thread (the one that sees input first). After each tick the result is
+Tempo is a least-squares line through the last `window` on-line ticks (index, time), so one
+tick's jitter moves it by ~1/window of that jitter. Ticks off the line are left out of the fit;
+OFF_RUN successive ticks off the line on one side are a tempo change (or the source's own clock
+moving), and the line restarts from them. A change so large that the line would index those
+ticks wrongly shows in the raw intervals instead: OFF_RUN successive intervals that agree with
+each other but not with the line restart it with consecutive indices.
+
+Without any transport message (a clock source joined while its transport already rolled, or a
+DAW that sends no Start) ticks alone are taken as the transport running, beats counted from the
+first tick heard: the tempo is right, the bar is a guess (`assumed` says so).
+
+`feed` is called by one thread (the one that sees input first). After each message the result is
 published as one immutable `ClockState`, so any other thread reads a consistent picture with
 a single attribute load and no lock. Times are seconds on the daemon's monotonic clock.
 """
@@ -27,31 +40,41 @@ PPQN = 24
 CLOCK, START, CONTINUE, STOP, SONG_POSITION = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
 TICKS_PER_SPP_UNIT = 6  # Song Position Pointer counts sixteenth notes
 
-# A tick this far off the line (or a tenth of a tick period, if more) counts as "off"; jitter of
-# ±1 ms stays well inside it. OFF_RUN successive offs on one side mean the tempo changed.
+# A tick this far off the line (or a tenth of a tick period, if more) counts as "off"; the local
+# jitter of JACK's dummy driver here is 0.5 ms median, 2 ms p99. OFF_RUN successive offs on one
+# side mean the tempo (or the source's clock) moved.
 OFF_LINE_S = 0.0025
 OFF_RUN = 3
+# Raw intervals that say "tempo change" must imply a tempo within this factor of the old one:
+# shorter ones are a late bunch arriving, longer ones a gap.
+TEMPO_JUMP = 2.5
 # No tick for this many periods (and at least LOST_MIN_S) means the clock is gone: free time.
 LOST_PERIODS = 6.0
 LOST_MIN_S = 0.25
+# Across a gap longer than this the line's extrapolation is not trusted for the tempo: the fit
+# restarts (the position is still re-derived from the line, the best guess there is).
+BRIDGE_S = 4.0
+# With no tempo known yet, ticks closer than this (a tempo of 1250 bpm) are one tick twice.
+MIN_PERIOD_S = 0.002
 
 
 class ClockState(NamedTuple):
-    running: bool  # the transport plays (Start/Continue seen, no Stop since)
+    running: bool  # the transport plays (Start/Continue seen, no Stop since; or ticks with no transport at all)
     locked: bool  # running, and a tick has placed the song position on the time line
     period: float  # seconds per tick from the fit (0.0 until two ticks have been seen)
-    anchor_time: float  # fitted time of the latest tick
-    anchor_tick: int  # song position of the latest tick, in ticks (when locked)
+    anchor_time: float  # the line's time of the latest counted tick
+    anchor_tick: int  # song position of the latest counted tick, in ticks (when locked)
     stopped_tick: int  # where the transport stands or will continue from, in ticks (when not locked)
     last_tick: float  # raw timestamp of the latest tick, for loss detection
     fit_ticks: int  # ticks in the current fit: precision grows with it
+    assumed: bool  # locked, but beats counted from the first tick heard: no Start/Continue/SPP seen
 
 
 class ClockConfigError(UserError, ValueError):
     """--beats-per-bar or --quantize out of range."""
 
 
-_IDLE = ClockState(False, False, 0.0, 0.0, 0, 0, -math.inf, 0)
+_IDLE = ClockState(False, False, 0.0, 0.0, 0, 0, -math.inf, 0, False)
 
 
 class ClockFollower:
@@ -61,23 +84,36 @@ class ClockFollower:
             raise ClockConfigError(f"--beats-per-bar {beats_per_bar}: must be 1 or more")
         if quantize < 0:
             raise ClockConfigError(f"--quantize {quantize}: use 0 (off) or a note division such as 16")
-        if window < OFF_RUN:
-            raise ValueError(f"window must hold at least {OFF_RUN} ticks")
+        if window < OFF_RUN + 1:
+            raise ValueError(f"window must hold at least {OFF_RUN + 1} ticks")
         self.beats_per_bar = beats_per_bar
         self.grid_beats = 4.0 / quantize if quantize else 0.0
         self.state = _IDLE
-        self._times = [0.0] * window  # ring of raw tick times, preallocated
-        self._head = 0  # slot of the next tick
-        self._n = 0  # ticks in the fit
-        self._period = 0.0
-        self._fit_last = 0.0
-        self._off_run = 0
-        self._off_sign = 0
+        # The fit: rings of (index, time) of on-line ticks, preallocated.
+        self._idx = [0] * window
+        self._times = [0.0] * window
+        self._head = 0  # slot of the next sample
+        self._n = 0  # samples in the fit
+        self._period = 0.0  # kept across restarts: the best guess for indexing the next ticks
+        self._line = 0.0  # the line's time at index self._index
+        self._index = 0  # index of the latest counted tick (free-running; song position = index + _offset)
+        # Raw times of the latest ticks heard (repeats too) and the index each was given, for
+        # the interval test; and the current run of counted ticks off the line (index, time, residual).
+        self._raw = [0.0] * (OFF_RUN + 1)
+        self._raw_idx = [0] * (OFF_RUN + 1)
+        self._raw_n = 0
+        self._offs: list[tuple[int, float, float]] = []
+        self._last_raw = -math.inf
         self._running = False
-        self._next_tick = 0  # song position the next tick will have
+        self._heard_transport = False
+        self._next_tick = 0  # song position the next tick will have (when not locked)
         self._locked = False
-        self._anchor_tick = 0  # song position of the latest tick, while locked
-        self.restarts = 0  # times the fit restarted on a tempo change (for logs and tests)
+        self._offset = 0  # song position minus index, while locked
+        # Counters for logs, tests and --stats.
+        self.restarts = 0  # the line restarted on a tempo change
+        self.lost = 0  # ticks the line says never arrived
+        self.repeats = 0  # ticks not counted: a repeat, or one of a late bunch
+        self.late = 0  # ticks counted but left out of the fit (off the line)
 
     # ------------------------------------------------------------------ input (one thread)
 
@@ -86,72 +122,158 @@ class ClockFollower:
         status = msg[0] if msg else 0
         if status == CLOCK:
             self._tick(t)
-        elif status == START:
-            self._running, self._locked, self._next_tick = True, False, 0
+            return True
+        if status == START:
+            self._transport(True, 0)
         elif status == CONTINUE:
-            self._running, self._locked = True, False
+            self._transport(True, self._stood())
         elif status == STOP:
-            if self._locked:
-                self._next_tick = self._anchor_tick + 1
-            self._running, self._locked = False, False
+            self._transport(False, self._stood())
         elif status == SONG_POSITION and len(msg) >= 3:
-            self._next_tick = ((msg[2] & 0x7F) << 7 | (msg[1] & 0x7F)) * TICKS_PER_SPP_UNIT
-            self._locked = False  # a jump while running: re-anchor on the next tick
+            self._transport(self._running, ((msg[2] & 0x7F) << 7 | (msg[1] & 0x7F)) * TICKS_PER_SPP_UNIT)
         else:
             return False
-        if status != CLOCK:
-            self._publish(self.state.last_tick)
+        self._publish()
         return True
 
+    def _stood(self) -> int:
+        """Where the transport stands: after the last tick played, or where it was put."""
+        return self._index + self._offset + 1 if self._locked else self._next_tick
+
+    def _transport(self, running: bool, next_tick: int) -> None:
+        self._running, self._locked, self._next_tick = running, False, next_tick
+        self._heard_transport = True
+        # The next tick re-anchors the song position, and may start a new tick grid (JACK's
+        # transport restarts its ticks at the located frame): the fit starts over, tempo kept.
+        self._n = 0
+        self._raw_n = 0
+        self._offs.clear()
+
     def _tick(self, t: float) -> None:
-        w = len(self._times)
-        if self._n and (t - self._times[(self._head - 1) % w] > self._lost_after(self._period)):
-            self._n = 0  # the clock was gone: old ticks say nothing about the new line
-        if self._n >= 2:
-            off = t - (self._fit_last + self._period)
-            if abs(off) > max(OFF_LINE_S, 0.1 * self._period):
-                sign = 1 if off > 0 else -1
-                self._off_run = self._off_run + 1 if sign == self._off_sign else 1
-                self._off_sign = sign
+        p = self._period
+        gap = t - self._last_raw
+        self._last_raw = t
+        if p <= 0 and 0 < self._n and gap < MIN_PERIOD_S:
+            self.repeats += 1  # no tempo yet, and closer than any tempo's ticks: the same tick again
+        elif self._n == 0 or p <= 0:
+            self._count(1, t)
+        else:
+            self._raw_push(t)
+            d = (t - (self._line + p)) / p  # periods past where the next tick belongs
+            if self._tempo_jumped():
+                self._restart_consecutive()
+            elif d < -0.5:
+                self.repeats += 1  # a repeat, or one of a late bunch: its index is already counted
             else:
-                self._off_run, self._off_sign = 0, 0
+                if gap > BRIDGE_S:
+                    self._n = 0  # keep the position the line gives, but fit the tempo afresh
+                self._count(1 + max(0, round(d)), t)
+        if self._running and not self._locked:
+            self._offset, self._locked = self._next_tick - self._index, True
+        elif not self._running and not self._heard_transport:
+            # Ticks and no transport message ever: the transport runs, beats count from here.
+            self._running, self._locked, self._offset = True, True, -self._index
+        self._publish()
+
+    def _count(self, steps: int, t: float) -> None:
+        """Tick t is `steps` ticks after the latest counted one."""
+        p = self._period
+        self.lost += steps - 1
+        self._index += steps
+        self._line += steps * p  # along the line; a fit below replaces it
+        if self._raw_n == 0 or self._raw[-1] != t:
+            self._raw_push(t)
+        self._raw_idx[-1] = self._index
+        res = t - self._line
+        if self._n == 0 or p <= 0 or abs(res) <= max(OFF_LINE_S, 0.1 * p):
+            self._offs.clear()
+            self._add(t)
+            return
+        self.late += 1
+        if self._offs and (res > 0) != (self._offs[-1][2] > 0):
+            self._offs.clear()
+        self._offs.append((self._index, t, res))
+        if len(self._offs) >= OFF_RUN:
+            # The line moved: the source's clock stepped, or the tempo changed a little. The
+            # indices stand; the fit restarts from these ticks alone.
+            self.restarts += 1
+            self._n = 0
+            for index, tt, _ in self._offs:
+                self._put(index, tt)
+            self._offs.clear()
+            self._fit()
+
+    def _raw_push(self, t: float) -> None:
+        self._raw.pop(0)
+        self._raw.append(t)
+        self._raw_idx.pop(0)
+        self._raw_idx.append(self._index)  # a repeat stands at the index it repeats
+        self._raw_n = min(self._raw_n + 1, len(self._raw))
+
+    def _tempo_jumped(self) -> bool:
+        """The latest OFF_RUN raw intervals agree with each other and not with the line: a tempo
+        change too large for the line to index its ticks right (a slower one reads as lost ticks,
+        a faster one as repeats)."""
+        raw, p = self._raw, self._period
+        if self._raw_n < len(raw):
+            return False
+        iv = [raw[i + 1] - raw[i] for i in range(len(raw) - 1)]
+        lo, hi = min(iv), max(iv)
+        tol = max(OFF_LINE_S, 0.1 * p)
+        return (hi - lo <= 2 * tol and (lo > p + tol or hi < p - tol)
+                and p / TEMPO_JUMP <= lo and hi <= p * TEMPO_JUMP)
+
+    def _restart_consecutive(self) -> None:
+        """The raw ring's ticks are consecutive ticks of the new tempo; the first keeps its index."""
+        self.restarts += 1
+        first = self._raw_idx[0]
+        self._n = 0
+        self._offs.clear()
+        for i, t in enumerate(self._raw):
+            self._put(first + i, t)
+            self._raw_idx[i] = first + i
+        self._index = first + len(self._raw) - 1
+        self._fit()
+
+    def _add(self, t: float) -> None:
+        self._put(self._index, t)
+        self._fit()
+
+    def _put(self, index: int, t: float) -> None:
+        w = len(self._times)
+        self._idx[self._head] = index
         self._times[self._head] = t
         self._head = (self._head + 1) % w
         self._n = min(self._n + 1, w)
-        if self._off_run >= OFF_RUN:
-            self._n = OFF_RUN  # keep only the ticks after the change
-            self._off_run, self._off_sign = 0, 0
-            self.restarts += 1
-        self._fit()
-        if self._running:
-            if self._locked:
-                self._anchor_tick += 1
-            else:
-                self._anchor_tick, self._locked = self._next_tick, True
-        self._publish(t)
 
     def _fit(self) -> None:
-        n, w, head, times = self._n, len(self._times), self._head, self._times
-        newest = times[(head - 1) % w]
+        n, w, head = self._n, len(self._times), self._head
+        new = (head - 1) % w
+        x0, y0 = self._idx[new], self._times[new]
         if n == 1:
-            self._fit_last = newest
+            self._line = y0 + (self._index - x0) * self._period
             return
-        # x = 0..n-1 oldest to newest, y = time relative to the newest tick (small, exact floats)
-        x_mean = (n - 1) / 2.0
-        y_sum = 0.0
-        xy = 0.0
-        for i in range(n):
-            y = times[(head - n + i) % w] - newest
-            y_sum += y
-            xy += (i - x_mean) * y
-        slope = xy / (n * (n * n - 1) / 12.0)
+        # x: index relative to the newest sample, y: time relative to it (small, exact floats)
+        sx = sy = sxx = sxy = 0.0
+        for k in range(n):
+            j = (head - 1 - k) % w
+            x, y = self._idx[j] - x0, self._times[j] - y0
+            sx += x
+            sy += y
+            sxx += x * x
+            sxy += x * y
+        den = n * sxx - sx * sx
+        if den <= 0:
+            return
+        slope = (n * sxy - sx * sy) / den
         self._period = slope
-        self._fit_last = newest + y_sum / n + slope * (n - 1 - x_mean)
+        self._line = y0 + (sy - slope * sx) / n + slope * (self._index - x0)
 
-    def _publish(self, last_tick: float) -> None:
+    def _publish(self) -> None:
         locked = self._running and self._locked
-        self.state = ClockState(self._running, locked, self._period, self._fit_last,
-                                self._anchor_tick if locked else 0, self._next_tick, last_tick, self._n)
+        self.state = ClockState(self._running, locked, self._period, self._line,
+                                self._index + self._offset if locked else 0, self._next_tick, self._last_raw,
+                                self._n, locked and not self._heard_transport)
 
     @staticmethod
     def _lost_after(period: float) -> float:

@@ -3,9 +3,10 @@
 Each piece (midiclock, controls, echo, recorder, inbox) is plain state tested on its own; this
 module decides which thread calls what, and in which order:
 
-    rtmidi callback   inbox.admit → ("input", t, msg) on the scheduler queue (nothing else)
+    rtmidi callback   inbox.admit → ("input", t, msg, jack_t) on the scheduler queue (nothing else)
     scheduler thread  `route`: transport → clock; echo; controls; recording; barge-in; forward
                       `send`: the output port, then echo.sent and recorder.antiphon
+                      `on_sent`: the song position each answer note was placed at (trace, markers)
     engine thread     `apply`: a control Action on the Conversation and the sampler
     main thread       `housekeeping`: warnings, tempo for the recording, the status line
 
@@ -15,7 +16,9 @@ lock. Nothing here allocates more than a tuple per message on the hot path.
 
 from __future__ import annotations
 
+import math
 from array import array
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -37,8 +40,15 @@ ENGINE_BACKLOG = 128
 # An answer note quantized onto the grid is never moved earlier than now plus this (the send path).
 SNAP_LEAD_S = 0.002
 LATE_RING = 1 << 16
-_CLOCK_MSG = (M.CLOCK,)
 TRANSPORT_MARKERS = {M.START: "start", M.CONTINUE: "continue", M.STOP: "stop"}
+# Clock ticks are stamped on the MIDI system's own time (rtmidi's delta times: on JACK, when the
+# process cycle ran), mapped onto the daemon's clock by the smallest offset of the latest
+# STAMP_WINDOW messages: the Python stamp is only ever late (waiting for the GIL), never early.
+# Measured with jack_midi_clock and a busy Python thread: 4.0 ms median lateness of the Python
+# stamps, 0.05 ms idle (docs/clock.md).
+STAMP_WINDOW = 32
+# Ticks missing this long while the transport runs: the log says the clock went quiet.
+QUIET_S = 1.0
 
 
 class Studio:
@@ -66,8 +76,16 @@ class Studio:
         self.held = 0  # engine-thread writer: player events the Conversation holds back (awaiting a reply)
         self.overflowed = False
         self.engine_dropped = 0  # scheduler-thread writer
-        self.lost_ticks = 0  # MIDI clock ticks filled in
         self._dropped_told, self._told_at = 0, -1e9
+        # Scheduler-thread state: the offset from the MIDI system's time to ours.
+        self._offsets: deque[float] = deque(maxlen=STAMP_WINDOW)
+        self._answering = False  # an answer's first note-on has gone out; reset when it ends
+        # Why a player's note got no answer, for the main thread to say once (scheduler/engine writers).
+        self.off_channel = -1  # the channel of a note ignored by --in-channel
+        self.unheard_while_off = 0  # note-ons heard while answering is switched off
+        self.answering_off = False  # engine-thread writer
+        self._quiet_told = False
+        self._told: set[str] = set()
         self.state = "listening"
         self.bpm = 0.0
         # Note-on send minus due time, seconds, for --stats and the status line: a preallocated ring
@@ -79,13 +97,22 @@ class Studio:
 
     def callback(self, put: Callable[[tuple], None]) -> Callable[[tuple, Any], None]:
         now, admit = self.clock.now, self.inbox.admit
+        midi_time = [0.0]  # the MIDI system's time of the latest message, from rtmidi's deltas
 
         def on_midi(event: tuple, _data: Any = None) -> None:
             t = now()  # timestamp first: admit's bookkeeping must not delay it
-            msg = event[0]
+            msg, delta = event
+            jt = midi_time[0] + delta  # summed before admit: a dropped message's delta still counts
+            midi_time[0] = jt
             if admit(msg):
-                put(("input", t, msg))
+                put(("input", t, msg, jt))
         return on_midi
+
+    def _midi_stamp(self, t: float, jt: float) -> float:
+        """The MIDI system's time of a message on the daemon's clock (never later than t)."""
+        offs = self._offsets
+        offs.append(t - jt)
+        return jt + min(offs)
 
     # ------------------------------------------------------------------ scheduler thread
 
@@ -100,23 +127,35 @@ class Studio:
                 rec.antiphon(t, msg)
         return out
 
-    def on_sent(self, due: float, sent: float, msg: list[int]) -> None:
+    def on_sent(self, due: float, sent: float, msg: list[int]) -> float | None:
+        """Scheduler thread, after each message sent: returns the song position (beats) its due
+        time has on the clock now (None in free time). An answer's first note-on also goes to
+        the recording as a marker, `answer at beat B` (or `answer in free time`)."""
+        beats = self.beat.position_beats(due) if self.cfg.midi_clock and self.beat.synced(sent) else None
         if msg[0] & 0xF0 == NOTE_ON and msg[2] > 0:
             self.lateness[self.notes_sent % LATE_RING] = sent - due
             self.notes_sent += 1
+            if not self._answering:
+                self._answering = True
+                if self.rec is not None:
+                    self.rec.marker(due, "answer in free time" if beats is None else f"answer at beat {beats:.3f}")
+        return beats
 
     def last_lateness(self) -> float | None:
         n = self.notes_sent
         return self.lateness[(n - 1) % LATE_RING] if n else None
 
     def route(self, cmd: tuple) -> None:
-        _, t, msg = cmd
+        _, t, msg, jt = cmd
         self.inbox.taken()
         status = msg[0]
+        jack_t = self._midi_stamp(t, jt)
         if status >= 0xF0:
-            self._transport(status, msg, t)
+            self._transport(status, msg, jack_t)
             return
         if self.channel >= 0 and status & 0x0F != self.channel:
+            if status & 0xF0 == NOTE_ON and msg[2] > 0:
+                self.off_channel = status & 0x0F
             return
         if self.echo.is_echo(msg, t):
             return  # before barge-in: our own note coming back must not stop our answer
@@ -132,8 +171,11 @@ class Studio:
         if not is_musical(msg):
             return  # a mod-wheel sweep must not stop the answer
         kind = status & 0xF0
-        if kind == NOTE_ON and msg[2] > 0 and self.scheduler.active():
-            self.scheduler.stop()  # barge-in: silence the answer in this very wake-up
+        if kind == NOTE_ON and msg[2] > 0:
+            if self.answering_off:
+                self.unheard_while_off += 1
+            if self.scheduler.active():
+                self.scheduler.stop()  # barge-in: silence the answer in this very wake-up
         self._forward_player(t, msg)
 
     def _forward_player(self, t: float, msg: list[int]) -> None:
@@ -152,8 +194,6 @@ class Studio:
         self.to_engine(item)
 
     def _transport(self, status: int, msg: list[int], t: float) -> None:
-        if status == M.CLOCK:
-            self._fill_lost_tick(t)
         if not self.beat.feed(msg, t):
             return
         text = TRANSPORT_MARKERS.get(status)
@@ -167,21 +207,9 @@ class Studio:
                 self.scheduler.stop()
             self._forward(("control", Action(C.PANIC, float(status), t)))
 
-    def _fill_lost_tick(self, t: float) -> None:
-        """A tick arriving two periods after the last one while the clock runs steadily: JACK lost
-        the one between (it drops a cycle's events when a client xruns, seen here on a busy box).
-        ClockFollower counts ticks, so a lost one would leave every later beat 1/24 beat late; feed
-        it at its place on the line. The cost: a sudden exact halving of the tempo reads its first
-        slow tick as two (the position runs 1/24 beat ahead until the next Start)."""
-        s = self.beat.state
-        if not s.locked or s.period <= 0 or s.fit_ticks < 12:
-            return
-        if 1.75 * s.period <= t - s.last_tick <= 2.25 * s.period:
-            self.beat.feed(_CLOCK_MSG, s.anchor_time + s.period)
-            self.lost_ticks += 1
-
     def phrase_end(self, now: float) -> None:
         """Scheduler idle after an answer finished sounding: a durable point for the recording."""
+        self._answering = False
         if self.rec is not None:
             self.rec.phrase_end(now)
 
@@ -225,7 +253,8 @@ class Studio:
             self.log(f"input: the model fell behind a flood of notes; {dropped - self._dropped_told} player "
                      "messages were not played to it")
             self._dropped_told, self._told_at = dropped, now
-        for line in (self.inbox.warning(now), self.echo.take_warning()):
+        for line in (self.inbox.warning(now), self.echo.take_warning(), self._clock_warning(now),
+                     self._unanswered_warning()):
             if line:
                 self.log(line)
         synced = self.cfg.midi_clock and self.beat.synced(now)
@@ -239,6 +268,35 @@ class Studio:
         if self.rec is not None and self.rec.error is not None:
             self.log(f"record: recording stopped: {self.rec.error}")
             self.rec.error = None  # reported once; the recorder drains from here on
+
+    def _clock_warning(self, now: float) -> str:
+        """Once per silence: the clock says the transport runs, but its ticks stopped coming."""
+        s = self.beat.state
+        quiet = self.cfg.midi_clock and s.running and math.isfinite(s.last_tick) and now - s.last_tick > QUIET_S
+        if quiet and not self._quiet_told:
+            self._quiet_told = True
+            return (f"clock: the transport runs but no MIDI clock tick has arrived for {now - s.last_tick:.1f} s "
+                    "(a stalled JACK graph, or a clock source gone without a Stop): answering in free time "
+                    "until ticks come back")
+        if not quiet and self._quiet_told and now - s.last_tick <= QUIET_S:
+            self._quiet_told = False
+            return "clock: MIDI clock ticks are back; the song position is taken from their times"
+        return ""
+
+    def _unanswered_warning(self) -> str:
+        """Once per reason: notes were heard that antiphon will not answer, and why."""
+        if self.off_channel >= 0 and "channel" not in self._told:
+            self._told.add("channel")
+            return (f"input: notes on channel {self.off_channel + 1} are not answered: antiphon listens on channel "
+                    f"{self.cfg.in_channel} only (--in-channel 0 listens to all)")
+        if self.unheard_while_off and "off" not in self._told:
+            self._told.add("off")
+            return (f"input: notes heard while answering is switched off (CC {self.cfg.cc_enable} below 64): "
+                    "no answer until that CC goes to 64 or more")
+        if not self.answering_off:
+            self._told.discard("off")
+            self.unheard_while_off = 0
+        return ""
 
     def close(self) -> None:
         if self.rec is not None:

@@ -168,3 +168,157 @@ def test_other_messages_are_not_clock_and_bad_settings_are_refused():
         ClockFollower(beats_per_bar=0)
     with pytest.raises(ClockConfigError, match="quantize"):
         ClockFollower(quantize=-4)
+
+
+# --------------------------------------------------------------------------- ticks lost, repeated, late, bunched
+# What JACK does to a client's MIDI on a busy box (DESIGN.md 2): a late cycle loses its events,
+# an xrun repeats a cycle, a stalled client gets its ticks late and all at once.
+
+PERIOD_100 = 60.0 / (PPQN * 100)
+CYCLE = 64 / 48000  # one JACK period: a repeated cycle comes this much later
+
+
+def follow(delivered: list[tuple[float, int]], jitter: float = 0.0, seed: int = 0, check=None) -> ClockFollower:
+    """Feed Start, then each delivered (time, true index) tick; `check(f, i, t)` after each."""
+    f = ClockFollower()
+    rng = random.Random(seed)
+    f.feed([START], delivered[0][0] - 0.01)
+    for t, i in delivered:
+        f.feed([CLOCK], t + rng.uniform(-jitter, jitter))
+        if check is not None:
+            check(f, i, t)
+    return f
+
+
+def grid(n: int, period: float = PERIOD_100) -> list[float]:
+    return [T0 + i * period for i in range(n)]
+
+
+class Judge:
+    """After each on-time tick: the position of that tick and the time of the next beat, against the truth."""
+
+    def __init__(self, times: list[float], period: float = PERIOD_100) -> None:
+        self.times, self.period = times, period
+        self.pos_err, self.beat_err, self.n = 0.0, 0.0, 0
+
+    def __call__(self, f: ClockFollower, i: int, t: float) -> None:
+        if i < 2 * PPQN or t - self.times[i] > 0.0015:
+            return  # settling, or a late tick: judged at the next on-time one
+        now = self.times[i] + 0.0015
+        self.pos_err = max(self.pos_err, abs(f.position_beats(self.times[i]) * PPQN - i))
+        k = (i // PPQN + 1) * PPQN
+        if k < len(self.times):
+            self.beat_err = max(self.beat_err, abs(f.next_beat(now) - self.times[k]))
+        self.n += 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lost_ticks_leave_the_position_where_the_clock_is(seed):
+    times = grid(24 * 40)
+    rng = random.Random(seed)
+    lost = {i for i in range(60, len(times)) if rng.random() < 0.05} | {300, 301, 302}  # and a burst of 3
+    judge = Judge(times)
+    f = follow([(t, i) for i, t in enumerate(times) if i not in lost], jitter=0.0005, seed=seed, check=judge)
+    assert judge.n > 800
+    assert judge.pos_err < 0.1, judge.pos_err  # in ticks: never a whole tick behind
+    assert judge.beat_err < 0.001, judge.beat_err
+    assert f.lost == len(lost) and f.repeats == 0
+    assert f.bpm == pytest.approx(100.0, abs=0.2)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_repeated_tick_is_never_counted_twice(seed):
+    times = grid(24 * 40)
+    rng = random.Random(seed)
+    twice = {i for i in range(30, len(times)) if rng.random() < 0.05}
+    delivered = []
+    for i, t in enumerate(times):
+        delivered.append((t, i))
+        if i in twice:
+            delivered.append((t + CYCLE, i))  # JACK delivered the cycle again
+    judge = Judge(times)
+    f = follow(delivered, jitter=0.0003, seed=seed, check=judge)
+    assert f.repeats == len(twice) and f.lost == 0
+    assert judge.pos_err < 0.1 and judge.beat_err < 0.001, (judge.pos_err, judge.beat_err)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_late_and_bunched_ticks_move_neither_position_nor_tempo(seed):
+    """A client that ran late gets its ticks late, the next ones bunched behind them (delivered no
+    earlier than the late one): stalls of 0.3 to 8 tick periods."""
+    times = grid(24 * 48)
+    rng = random.Random(seed)
+    delivered, held_until = [], 0.0
+    for i, t in enumerate(times):
+        if i > 60 and rng.random() < 0.03:
+            held_until = t + rng.uniform(0.3, 8.0) * PERIOD_100
+        delivered.append((max(t, held_until), i))
+    judge = Judge(times)
+    f = follow(delivered, jitter=0.0003, seed=seed, check=judge)
+    late = sum(1 for (d, i) in delivered if d - times[i] > 0.5 * PERIOD_100)
+    assert late > 10  # the stream really was late and bunched
+    assert judge.n > 900
+    assert judge.pos_err < 0.1 and judge.beat_err < 0.001, (judge.pos_err, judge.beat_err)
+    assert f.bpm == pytest.approx(100.0, abs=0.2)
+
+
+def test_all_at_once_losses_repeats_and_stalls_with_jitter():
+    times = grid(24 * 60)
+    rng = random.Random(7)
+    delivered, held_until = [], 0.0
+    for i, t in enumerate(times):
+        r = rng.random()
+        if i > 60 and r < 0.03:
+            continue  # lost
+        if i > 60 and r < 0.05:
+            held_until = t + rng.uniform(0.5, 4.0) * PERIOD_100
+        d = max(t, held_until)
+        delivered.append((d, i))
+        if i > 60 and 0.05 <= r < 0.07:
+            delivered.append((d + CYCLE, i))
+    judge = Judge(times)
+    follow(delivered, jitter=0.0008, seed=1, check=judge)
+    assert judge.n > 1200
+    assert judge.pos_err < 0.15 and judge.beat_err < 0.0015, (judge.pos_err, judge.beat_err)
+
+
+def test_a_clock_that_comes_back_on_its_grid_is_placed_by_time_not_by_count():
+    """A second of ticks never reached us (the JACK graph stalled for this client), the source
+    played on: the ticks after the gap are 40 ticks on, not one."""
+    times = grid(24 * 12)
+    f = follow([(t, i) for i, t in enumerate(times[:100])])
+    assert not f.synced(times[99] + 0.9)  # meanwhile: free time
+    for t in times[140:]:
+        f.feed([CLOCK], t)
+    last = times[-1]
+    assert f.position_beats(last) == pytest.approx((len(times) - 1) / PPQN, abs=1e-6)
+    assert f.lost == 40
+
+
+def test_a_faster_tempo_is_followed_not_read_as_repeats():
+    f = ClockFollower()
+    f.feed([START], T0 - 0.01)
+    times = tick_times([(90, 8), (120, 8)])
+    change = 8 * PPQN
+    errs = []
+    play(f, times, jitter=0.0005,
+         on_tick=lambda i, t: errs.append(abs(f.position_beats(t) * PPQN - i)) if i >= change + PPQN // 2 else None)
+    assert f.bpm == pytest.approx(120.0, abs=0.5) and f.restarts >= 1
+    assert max(errs) < 0.1  # in ticks, from half a beat after the change on
+
+
+def test_ticks_without_start_count_beats_from_the_first_tick_heard():
+    """A clock source that joined while its transport rolled sends no Start: follow its tempo,
+    beats counted from its first tick; a Start later puts the song position right."""
+    f = ClockFollower()
+    times = grid(24 * 3)
+    play(f, times)
+    s = f.state
+    assert f.synced(times[-1]) and s.assumed
+    assert f.next_beat(times[-1] + 0.001) == pytest.approx(times[0] + 3 * PPQN * PERIOD_100, abs=1e-6)
+    f.feed([STOP], times[-1] + 0.005)
+    assert not f.running
+    f.feed([START], times[-1] + 0.5)
+    f.feed([CLOCK], times[-1] + 0.6)
+    assert f.synced(times[-1] + 0.6) and not f.state.assumed
+    assert f.position_beats(times[-1] + 0.6) == pytest.approx(0.0)
