@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from antiphon.daemon.config import DataConfig, JamConfig, ModelConfig, TrainConfig, from_dict
+from antiphon.daemon.config import DataConfig, JamConfig, ModelConfig, TrainConfig, TuneConfig, from_dict
 from antiphon.daemon.errors import UserError
 
 
@@ -99,6 +99,14 @@ def _train(p: argparse.ArgumentParser) -> None:
     add_config_args(p, ModelConfig, skip=("vocab_size",))
 
 
+def _tune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="folders of your recordings (`jam --record DIR` sessions: the player track only) "
+                        "and other MIDI files of your playing")
+    p.add_argument("--config", help="JSON config file with a 'TuneConfig' section")
+    add_config_args(p, TuneConfig)
+
+
 def _sampling(p: argparse.ArgumentParser) -> None:
     """The jam's sampling flags, with its defaults and help, for the offline commands."""
     for name in ("temperature", "top_p", "follow_density"):
@@ -174,6 +182,7 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
     "data": ("build the training corpus", "antiphon.models.corpus:main", _data),
     "train": ("train a model", "antiphon.models.train:main", _train),
     "eval": ("evaluate a model against the Markov baseline", "antiphon.models.evaluate:main", _eval),
+    "tune": ("fine-tune the model on your own recordings", "antiphon.models.tune:main", _tune),
     "export": ("export a checkpoint to ONNX and verify it", "antiphon.export.cli:main", _export),
     "bench": ("measure decode latency (or --live: the daemon)", "antiphon.export.bench:main", _bench),
 }

@@ -85,6 +85,33 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """How `antiphon tune` fine-tunes a model on the player's own recordings."""
+
+    model: str = _f("", "model to start from: an fp32 .onnx or a .pt checkpoint (empty: the shipped model)")
+    output: str = _f("", "int8 model to write, the one `jam --model` runs (empty: "
+                         "$XDG_DATA_HOME/antiphon/tuned/tuned-DATE.onnx, i.e. ~/.local/share/...)", "-o")
+    fp32: bool = _f(False, "also write the fp32 model beside it as MODEL.fp32.onnx (exact weights: tune it "
+                           "again, or run it on a GPU)")
+    force: bool = _f(False, "overwrite an existing output file")
+    minutes: float = _f(10.0, "fine-tuning time on this machine; the step count is sized to it by timing a few "
+                              "steps first (evaluation and export take about 1-2 minutes more)")
+    replay: float = _f(0.25, "share of training windows replayed from the model's original kind of music (the "
+                             "packaged replay shard) so it does not forget what you have not played; costs that "
+                             "share of the steps")
+    holdout: float = _f(0.1, "share of your playing time held out to measure before/after, newest recordings "
+                             "first, whole recordings only (at least one)")
+    lr: float = _f(3e-4, "peak learning rate (cosine decay to a tenth of it)")
+    warmup_steps: int = _f(10, "linear warm-up steps")
+    seq_len: int = _f(512, "training window length in tokens")
+    batch_size: int = _f(8, "windows per step")
+    dropout: float = _f(0.1, "dropout while fine-tuning (a player's recordings are few; the export has none)")
+    phrases: int = _f(32, "held-out 8 s calls answered before and after for the musical metrics (0: skip)")
+    threads: int = _f(2, "torch CPU threads (0: torch default)")
+    seed: int = _f(1, "seed for the windows, dropout and the answers sampled for the metrics")
+
+
+@dataclass(frozen=True)
 class JamConfig:
     """How `antiphon jam` listens and answers."""
 
