@@ -44,6 +44,17 @@ def absorb(enc: codec.TokenEncoder, tokens: list[int], max_note_s: float) -> cod
     return dec
 
 
+def answer_decoder(enc: codec.TokenEncoder, channel: int, max_note_s: float) -> codec.TokenDecoder:
+    """A decoder for tokens that continue `enc`'s timeline. The velocity in force is the one the
+    model has seen last (the player's): a token stream writes a VELOCITY only when it changes, so
+    an answer that keeps the player's dynamics writes none, and a decoder starting at its default
+    of 64 would play it at mezzo-forte whatever the player did."""
+    dec = codec.TokenDecoder(channel, max_note_s)
+    if enc.velocity_bin >= 0:
+        dec.velocity = V.bin_velocity(enc.velocity_bin)
+    return dec
+
+
 def answer_seconds(call_s: float, cfg: JamConfig, scale: float | None = None) -> float:
     """`scale`: the live answer_scale (a knob may have moved it); cfg's when None."""
     return min(max(call_s * (cfg.answer_scale if scale is None else scale), cfg.answer_min_s), cfg.answer_max_s)
@@ -68,3 +79,4 @@ class Answer:
     shifts: dict[int, float] = field(default_factory=dict)  # pitch -> how far quantizing moved its note-on
     notes: int = 0
     done: bool = False
+    memory_mark: tuple[int, ...] = ()  # the session memory's lookup context at the answer's start

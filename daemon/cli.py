@@ -109,7 +109,7 @@ def _tune(p: argparse.ArgumentParser) -> None:
 
 def _sampling(p: argparse.ArgumentParser) -> None:
     """The jam's sampling flags, with its defaults and help, for the offline commands."""
-    for name in ("temperature", "top_p", "follow_density"):
+    for name in ("temperature", "top_p", "follow_density", "memory"):
         f = JamConfig.__dataclass_fields__[name]
         p.add_argument("--" + name.replace("_", "-"), type=float, default=f.default,
                        help=f"{f.metadata['help']} (default: {f.default!r}, as jam)")
@@ -123,6 +123,10 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-files", type=int, default=0, help="evaluate at most this many files (0: all)")
     p.add_argument("--phrases", type=int, default=32, help="held-out phrases for the musical metrics (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for the musical metrics")
+    p.add_argument("--session", action=argparse.BooleanOptionalAction, default=True,
+                   help="also stream each file token by token as a jam session (sliding window, session "
+                        "memory) and report that NLL with and without the memory, and the memory constants "
+                        "that fit this set best (default: on)")
     _sampling(p)
     p.add_argument("--markov-order", type=int, default=4,
                    help="longest context of the Markov baseline (4 scored best on valid_score; longer overfits)")

@@ -127,6 +127,8 @@ class JamConfig:
     top_p: float = _f(0.9, "nucleus mass of the pitch choice")
     follow_density: float = _f(0.75, "0-1: the call's share of the answer's note rate, the model's being the rest "
                                      "(geometric; 0: the model's own)")
+    memory: float = _f(1.0, "0-1: how much the answer draws on what you played this session (the session "
+                            "memory's proposals mixed into the pitch choice; 1: as fitted, 0: off)")
     wait_ms: int = _f(400, "ms of silence, no key down, after the player's last event that end a phrase", "--wait")
     answer_min_s: float = _f(1.0, "shortest answer in seconds")
     answer_max_s: float = _f(12.0, "longest answer in seconds")
@@ -145,6 +147,7 @@ class JamConfig:
     cc_enable: int = _f(23, "CC that switches answering on (value >= 64) or off (-1: none)")
     cc_end_call: int = _f(24, "CC whose press (value rising to >= 64) ends the call now; 67 turns the soft pedal "
                               "into a foot switch (-1: none)")
+    cc_memory: int = _f(26, "CC that sets --memory: 0-127 to 0-1 (-1: none)")
     cc_panic: int = _f(25, "CC whose press silences antiphon at once (-1: none); CC 120 and 123 always do")
     echo_window_ms: float = _f(30.0, "input that repeats what antiphon sent this recently is its own echo "
                                      "(a DAW's MIDI thru) and is ignored (0: off)")

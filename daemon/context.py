@@ -28,6 +28,7 @@ from antiphon.daemon.answer import (
     OPENING_MASK,
     Answer,
     absorb,
+    answer_decoder,
     answer_seconds,
     clone_encoder,
     same_time,
@@ -110,6 +111,9 @@ class Conversation:
 
     def _encode(self, t: float, msg: list[int]) -> None:
         tokens = self.enc.midi(msg, t)
+        memory = getattr(self.sampler, "memory", None)
+        if memory is not None and tokens:
+            memory.hear_tokens(tokens)  # the player's material, learned the moment it is heard
         status, d1, d2 = (msg[0] & 0xF0, msg[1], msg[2]) if len(msg) >= 3 else (0, 0, 0)
         if status == codec.NOTE_ON_STATUS and d2 > 0:
             self.keys_down.add(d1)
@@ -136,6 +140,10 @@ class Conversation:
             return
         t_cut = self.backlog[0][0] if self.backlog else max(self.cut_at or a.start, a.start)
         self.cut_at = None
+        memory = getattr(self.sampler, "memory", None)
+        if memory is not None:  # what the memory looks up must be what was heard, not what was generated
+            memory.restore(a.memory_mark)
+            memory.hear_tokens(a.tokens[:index + 1], learn=False)
         if index < 0:
             self.engine.rollback(self.committed)
         else:
@@ -242,8 +250,10 @@ class Conversation:
         self.gen += 1
         logits = e.prefill(prefix) if prefix else self.logits
         self.answer = Answer(self.gen, start, answer_seconds(call_s, self.cfg, self.answer_scale), prefix, e.length,
-                             codec.TokenDecoder(self.out_channel, self.cfg.max_note_s))
+                             answer_decoder(spec_enc, self.out_channel, self.cfg.max_note_s))
         self.spec_logits = np.array(logits, dtype=np.float32)
+        memory = getattr(self.sampler, "memory", None)
+        self.answer.memory_mark = memory.mark() if memory is not None else ()
         self.sampler.begin(self.call_notes, call_s)
 
     def wants_work(self) -> bool:

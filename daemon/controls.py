@@ -7,6 +7,7 @@ Defaults (each CC number is a JamConfig field; -1 switches that control off):
     CC 23  antiphon on / off  >= 64 on, < 64 off (a toggle button or a switch)
     CC 24  end the call now   on the press: the value rising from < 64 to >= 64
     CC 25  panic              on the press
+    CC 26  session memory     0..127 -> --memory 0..1, linear (0: answers ignore the session memory)
     CC 120 all sound off, CC 123 all notes off (sent by DAWs on stop): always a panic
 
 End-of-call defaults to CC 24 rather than the soft pedal (CC 67) because pianists use the soft
@@ -33,13 +34,13 @@ TEMPERATURE_RANGE = (0.2, 2.0)
 ANSWER_SCALE_RANGE = (0.25, 4.0)
 
 # Action kinds
-SET_TEMPERATURE, SET_ANSWER_SCALE, ENABLE, END_CALL, PANIC = range(5)
-KIND_NAMES = ("temperature", "answer_scale", "enable", "end_call", "panic")
+SET_TEMPERATURE, SET_ANSWER_SCALE, ENABLE, END_CALL, PANIC, SET_MEMORY = range(6)
+KIND_NAMES = ("temperature", "answer_scale", "enable", "end_call", "panic", "memory")
 
 
 class Action(NamedTuple):
     kind: int  # SET_TEMPERATURE, SET_ANSWER_SCALE, ENABLE, END_CALL or PANIC
-    value: float  # the new temperature / answer_scale; 1.0 on, 0.0 off; the CC number for PANIC/END_CALL
+    value: float  # the new temperature / answer_scale / memory; 1.0 on, 0.0 off; the CC number for PANIC/END_CALL
     t: float  # arrival time of the message that caused it
 
     def describe(self) -> str:
@@ -69,11 +70,11 @@ def cc_to_answer_scale(value: int) -> float:
 
 class Controls:
     def __init__(self, in_channel: int = 0, cc_temperature: int = 21, cc_length: int = 22,
-                 cc_enable: int = 23, cc_end_call: int = 24, cc_panic: int = 25) -> None:
+                 cc_enable: int = 23, cc_end_call: int = 24, cc_panic: int = 25, cc_memory: int = 26) -> None:
         if not 0 <= in_channel <= 16:
             raise ControlConfigError(f"in_channel {in_channel} is not 0 (all) or 1-16")
         assigned = {"cc_temperature": cc_temperature, "cc_length": cc_length, "cc_enable": cc_enable,
-                    "cc_end_call": cc_end_call, "cc_panic": cc_panic}
+                    "cc_end_call": cc_end_call, "cc_panic": cc_panic, "cc_memory": cc_memory}
         used: dict[int, str] = {}
         for name, cc in assigned.items():
             if cc == -1:
@@ -92,7 +93,7 @@ class Controls:
         # One small table indexed by CC number: a lookup per message, no branching on config.
         self._kind = [-1] * 128
         for cc, kind in ((cc_temperature, SET_TEMPERATURE), (cc_length, SET_ANSWER_SCALE), (cc_enable, ENABLE),
-                         (cc_end_call, END_CALL), (cc_panic, PANIC)):
+                         (cc_end_call, END_CALL), (cc_panic, PANIC), (cc_memory, SET_MEMORY)):
             if cc >= 0:
                 self._kind[cc] = kind
         self._kind[CC_ALL_SOUND_OFF] = self._kind[CC_ALL_NOTES_OFF] = PANIC
@@ -101,10 +102,12 @@ class Controls:
         self.enabled = True
         self.temperature: float | None = None  # None until a knob has been moved
         self.answer_scale: float | None = None
+        self.memory: float | None = None
 
     @classmethod
     def from_config(cls, cfg: JamConfig) -> Controls:
-        return cls(cfg.in_channel, cfg.cc_temperature, cfg.cc_length, cfg.cc_enable, cfg.cc_end_call, cfg.cc_panic)
+        return cls(cfg.in_channel, cfg.cc_temperature, cfg.cc_length, cfg.cc_enable, cfg.cc_end_call, cfg.cc_panic,
+                   cfg.cc_memory)
 
     def handle(self, msg: list[int] | tuple[int, ...], t: float) -> Action | None:
         """The action one incoming message asks for, or None (the common case: not a control)."""
@@ -130,6 +133,11 @@ class Controls:
                 return None
             self.answer_scale = cc_to_answer_scale(value)
             return Action(kind, self.answer_scale, t)
+        if kind == SET_MEMORY:
+            if seen and value == previous:
+                return None
+            self.memory = value / 127.0
+            return Action(kind, self.memory, t)
         if kind == ENABLE:
             on = value >= PRESSED
             if on == self.enabled:

@@ -133,7 +133,7 @@ class Jam:
         from antiphon.daemon import ports
         from antiphon.daemon.context import Conversation
         from antiphon.daemon.engine import Engine
-        from antiphon.daemon.sampling import Sampler, grammar_mask
+        from antiphon.daemon.sampling import grammar_mask, jam_sampler
         from antiphon.daemon.scheduler import Scheduler
 
         self.was_active = False  # the scheduler's, last idle wake-up: an answer's end is a durable point
@@ -146,7 +146,7 @@ class Jam:
         # The engine (ORT session, first prefill) is built before any real-time thread starts.
         engine = Engine(cfg.model or None, threads=cfg.threads, log=lambda s: None)
         self.model_desc = f"{engine.model_path} (context {engine.context})"
-        self.conv = Conversation(engine, Sampler(cfg.seed, cfg.temperature, cfg.top_p, cfg.follow_density), grammar_mask, cfg,
+        self.conv = Conversation(engine, jam_sampler(cfg.seed, cfg.temperature, cfg.top_p, cfg.follow_density, cfg.memory), grammar_mask, cfg,
                                  self._submit, self._cancel, log,
                                  align=studio.align, snap=studio.snap)
         self._warm_up(engine)

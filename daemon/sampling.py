@@ -14,6 +14,7 @@ import numpy as np
 
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
+from antiphon.daemon.memory import SessionMemory, mix_pitch
 
 # Event kinds as contiguous token ranges (specials, NOTE_ON, NOTE_OFF, TIME_SHIFT, VELOCITY, pedal).
 KIND_STARTS = np.array([0, V.NOTE_ON, V.NOTE_OFF, V.TIME_SHIFT, V.VELOCITY, V.SUSTAIN_ON])
@@ -41,7 +42,8 @@ class Sampler:
     share of the answer's rate, in log space. 0 leaves the model's own odds; 1 is capped at 0.95.
     """
 
-    def __init__(self, seed: int | None, temperature: float, top_p: float, follow_density: float = 0.0):
+    def __init__(self, seed: int | None, temperature: float, top_p: float, follow_density: float = 0.0,
+                 memory: SessionMemory | None = None, memory_scale: float = 1.0):
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if not 0.0 <= follow_density <= 1.0:
@@ -54,6 +56,8 @@ class Sampler:
         self.gain = w / (1.0 - w)
         self.rate = 0.0  # the call's notes per second; 0: no steer
         self.notes = self.steps = 0  # the answer's so far, as sampled
+        # The session memory proposes pitches; memory_scale (the player's --memory, 0: off) scales its weight.
+        self.memory, self.memory_scale = memory, float(memory_scale)
 
     def begin(self, call_notes: int, call_s: float) -> None:
         """A new answer to a call of `call_notes` notes over `call_s` seconds (a call shorter than
@@ -70,6 +74,8 @@ class Sampler:
     def _count(self, token: int) -> int:
         if V.NOTE_ON <= token < V.NOTE_OFF:
             self.notes += 1
+            if self.memory is not None:
+                self.memory.hear(token - V.NOTE_ON, learn=False)  # context for the next proposal, not material
         elif V.TIME_SHIFT <= token < V.VELOCITY:
             self.steps += token - V.TIME_SHIFT + 1
         return token
@@ -98,7 +104,24 @@ class Sampler:
             return self._count(lo + self._draw(p[lo:int(KIND_ENDS[kind])]))
         return self._count(self._pitch(x[lo:int(KIND_ENDS[kind])]) + lo)
 
+    def pitch_logits(self, y: np.ndarray) -> np.ndarray:
+        """The NOTE_ON logits (masked: -inf) with the session memory's proposal mixed in."""
+        if self.memory is None or self.memory_scale <= 0.0:
+            return y
+        weight, proposal = self.memory.propose()
+        if proposal is None:
+            return y
+        allowed = np.isfinite(y)
+        mem = np.where(allowed, proposal, 0.0)
+        if mem.sum() <= 0.0:
+            return y
+        model = np.exp(y - y.max())
+        mixed = mix_pitch(model / model.sum(), min(weight * self.memory_scale, 1.0), mem / mem.sum())
+        with np.errstate(divide="ignore"):
+            return np.log(mixed)
+
     def _pitch(self, y: np.ndarray) -> int:
+        y = self.pitch_logits(y)
         y = (y - y.max()) / self.temperature
         q = np.exp(y, out=y)
         if self.top_p < 1.0:
@@ -108,6 +131,15 @@ class Sampler:
             kept = order[:int(np.searchsorted(mass, self.top_p * mass[-1])) + 1]
             return int(kept[self._draw(q[kept])])
         return self._draw(q)
+
+
+def jam_sampler(seed: int | None, temperature: float, top_p: float, follow_density: float,
+                memory: float) -> Sampler:
+    """The jam's sampler, as jam, continue and eval all use it. The session memory always learns
+    (a live control may turn it up later); `memory` scales how much it is heard, 0: not at all."""
+    if not 0.0 <= memory <= 1.0:
+        raise ValueError(f"memory must be in [0, 1], got {memory}")
+    return Sampler(seed, temperature, top_p, follow_density, SessionMemory(), memory)
 
 
 _BASE = np.ones(V.VOCAB_SIZE, dtype=bool)

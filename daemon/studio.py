@@ -221,8 +221,11 @@ class Studio:
             conv.sampler.temperature = action.value
         elif kind == C.SET_ANSWER_SCALE:
             conv.answer_scale = action.value
+        elif kind == C.SET_MEMORY:
+            conv.sampler.memory_scale = action.value
         elif kind == C.ENABLE:
             conv.enabled = bool(action.value)
+            self.answering_off = not conv.enabled
             if not conv.enabled:
                 conv.cancel_answer(action.t)
         elif kind == C.END_CALL:

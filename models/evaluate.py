@@ -24,8 +24,9 @@ import numpy as np
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
 from antiphon.daemon.errors import UserError
-from antiphon.daemon.sampling import Sampler, grammar_mask
+from antiphon.daemon.sampling import Sampler, grammar_mask, jam_sampler
 from antiphon.models import metrics as M
+from antiphon.models import session_eval as SE
 from antiphon.models.markov import MarkovModel, baseline_for
 
 CALL_S = RESPONSE_S = 8.0
@@ -148,20 +149,22 @@ def markov_sampler(baseline: MarkovModel, prompt: list[int]) -> Callable[[list[i
     return lambda out: np.log(baseline.distribution(np.array(prompt + out)) + 1e-300)
 
 
-def phrases(docs: list[list[int]], n: int) -> list[tuple[list[int], list[int]]]:
-    """(call, true continuation) pairs, 8 s + 8 s, taken round-robin over files so none dominates."""
+def phrases(docs: list[list[int]], n: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """(session before the call, call, true continuation), 8 s + 8 s, taken round-robin over files
+    so none dominates. The session before the call is what the session memory has heard."""
     per_file = []
     for doc in docs:
-        body, found = doc[1:], []
-        while len(body) > 0:
-            cut = M.split_at(body, CALL_S)
-            end = M.split_at(body[cut:], RESPONSE_S) + cut
-            call, truth = body[:cut], body[cut:end]
-            if end >= len(body) or M.duration_s(truth) < RESPONSE_S - 0.5:
+        body, found, pos = doc[1:], [], 0
+        while pos < len(body):
+            rest = body[pos:]
+            cut = M.split_at(rest, CALL_S)
+            end = M.split_at(rest[cut:], RESPONSE_S) + cut
+            call, truth = rest[:cut], rest[cut:end]
+            if end >= len(rest) or M.duration_s(truth) < RESPONSE_S - 0.5:
                 break
             if len(M.notes_of(call)) >= 4:
-                found.append((call, truth))
-            body = body[end:]
+                found.append((body[:pos], call, truth))
+            pos += end
         per_file.append(found)
     out = []
     for i in range(max((len(f) for f in per_file), default=0)):
@@ -170,12 +173,15 @@ def phrases(docs: list[list[int]], n: int) -> list[tuple[list[int], list[int]]]:
 
 
 def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, seed: int,
-                    temperature: float = 1.0, top_p: float = 0.95, follow_density: float = 0.0) -> dict:
+                    temperature: float = 1.0, top_p: float = 0.95, follow_density: float = 0.0,
+                    memory: float = 0.0) -> dict:
     rows: dict[str, list] = {"model": [], "baseline": [], "truth": []}
     pairs = phrases(docs, n)
-    for i, (call, truth) in enumerate(pairs):
+    for i, (before, call, truth) in enumerate(pairs):
         prompt = [V.BOS] + call
-        samplers = [Sampler(seed + i, temperature, top_p, follow_density) for _ in range(2)]
+        samplers = [jam_sampler(seed + i, temperature, top_p, follow_density, memory),
+                    Sampler(seed + i, temperature, top_p, follow_density)]
+        samplers[0].memory.hear_tokens(before + call)  # the session so far, as jam's memory has heard it
         for s in samplers:
             s.begin(len(M.notes_of(call)), CALL_S)
         model_out = generate(lm_sampler(lm, prompt), prompt, RESPONSE_S, samplers[0])
@@ -183,10 +189,10 @@ def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, se
         for name, resp in (("model", model_out), ("baseline", base_out), ("truth", truth)):
             rows[name].append(M.phrase_metrics(call, resp, CALL_S, RESPONSE_S))
     means = {name: M.summarize(r) for name, r in rows.items()}
-    # How far each generator lands from what the player actually did next (0 = same as the truth).
-    rel = {gen: {m: means[gen][m] / means["truth"][m] - 1.0 if means["truth"][m] else math.nan for m in M.METRICS}
-           for gen in ("model", "baseline")}
-    return {"phrases": len(pairs), **means, "relative_to_truth": rel}
+    # How far each generator lands from what the player actually did next (1 = same as the truth).
+    ratio = {gen: {m: means[gen][m] / means["truth"][m] if means["truth"][m] else math.nan for m in M.METRICS}
+             for gen in ("model", "baseline")}
+    return {"phrases": len(pairs), **means, "ratio_to_truth": ratio}
 
 
 def _finite(x):
@@ -238,12 +244,21 @@ def main(args) -> int:
               "baseline_nll": float(base_nll.mean()), "baseline_order": baseline.max_order,
               "baseline_discount": baseline.discount}
     result["ratio"] = result["model_nll"] / result["baseline_nll"] if result["baseline_nll"] > 0 else math.inf
+    if args.session:
+        log("streaming each file through the model as a jam session hears it")
+        streamed = SE.stream(lm, docs)
+        fitted = SE.fit(streamed)
+        result["session"] = {"nll_without_memory": SE.nll(streamed),
+                             "nll_with_memory": SE.nll(streamed, *SE.shipped_constants()),
+                             "memory_constants": dict(zip(("max_order", "weight", "half_order"),
+                                                          SE.shipped_constants())),
+                             "best_constants_on_this_set": fitted}
     if args.phrases > 0:
         log(f"generating responses to up to {args.phrases} phrases")
         result["sampling"] = {"temperature": args.temperature, "top_p": args.top_p,
-                              "follow_density": args.follow_density}
+                              "follow_density": args.follow_density, "memory": args.memory}
         result["metrics"] = musical_metrics(lm, baseline, docs, args.phrases, args.seed, args.temperature, args.top_p,
-                                             args.follow_density)
+                                             args.follow_density, args.memory)
     if args.json:
         print(json.dumps(_finite(result), indent=2))
         return 0
@@ -253,12 +268,17 @@ def main(args) -> int:
     table.add_row(f"{result['model_nll']:.3f}", f"{result['baseline_nll']:.3f}", f"{result['ratio']:.3f}")
     out = Console()
     out.print(table)
+    if "session" in result:
+        se = result["session"]
+        out.print(f"streamed session NLL: {se['nll_without_memory']:.3f} without memory, "
+                  f"{se['nll_with_memory']:.3f} with it; constants fitted on this set: {se['best_constants_on_this_set']}")
     if "metrics" in result:
         mt = Table(title=f"responses to {result['metrics']['phrases']} held-out 8 s calls (8 s each)")
         mt.add_column("metric")
-        for name in ("model", "baseline", "truth"):
+        for name in ("model", "baseline", "truth", "model / truth"):
             mt.add_column(name, justify="right")
         for m in M.METRICS:
-            mt.add_row(m, *(f"{result['metrics'][name][m]:.3f}" for name in ("model", "baseline", "truth")))
+            mt.add_row(m, *(f"{result['metrics'][name][m]:.3f}" for name in ("model", "baseline", "truth")),
+                       f"{result['metrics']['ratio_to_truth']['model'][m]:.2f}")
         out.print(mt)
     return 0

@@ -8,6 +8,15 @@ Each number compares a response (generated, or the true continuation) with the c
   range_overlap  intersection over union of the call's and response's pitch ranges
   closed         share of response NOTE_ONs that the response also releases
   repetition     share of pitch-interval 4-grams that repeat an earlier one in the response
+  motif_echo     share of the response's top-voice 3-interval grams found in the call's (the top
+                 voice: the highest pitch of each onset cluster within 30 ms)
+  held_share     share of response notes sounding longer than 1.5 s (clipped at the window end)
+  velocity_mean  mean note-on velocity of the response
+  velocity_std   spread (standard deviation) of the response's note-on velocities
+  rhythm         overlap of the response's and the call's inter-onset-interval histograms
+                 (onset clusters; 24 log-spaced bins from 20 ms to 2 s)
+  copied         share of response notes inside an exact copy of 8 or more consecutive call
+                 notes (pitch and relative onset time): plagiarism, not development
 """
 
 from __future__ import annotations
@@ -24,7 +33,12 @@ KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66,
 KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 MAJOR_SCALE = (0, 2, 4, 5, 7, 9, 11)
 MINOR_SCALE = (0, 2, 3, 5, 7, 8, 10, 11)  # natural minor plus the raised leading tone of harmonic minor
-METRICS = ("key_agreement", "density_ratio", "range_overlap", "closed", "repetition")
+METRICS = ("key_agreement", "density_ratio", "range_overlap", "closed", "repetition", "motif_echo", "held_share",
+           "velocity_mean", "velocity_std", "rhythm", "copied")
+CLUSTER_S = 0.03  # onsets this close form one cluster (a chord, a spread chord)
+HELD_S = 1.5
+IOI_BINS = np.geomspace(0.02, 2.0, 25)
+COPY_RUN = 8
 
 
 def notes_of(tokens: Sequence[int]) -> list[codec.Note]:
@@ -110,6 +124,70 @@ def repetition(notes: Sequence[codec.Note], n: int = 4) -> float:
     return repeats / len(grams)
 
 
+def onset_clusters(notes: Sequence[codec.Note]) -> list[list[codec.Note]]:
+    """Notes grouped by onset: a note within CLUSTER_S of its cluster's first onset joins it."""
+    clusters: list[list[codec.Note]] = []
+    for n in sorted(notes, key=lambda x: (x.start, x.pitch)):
+        if clusters and n.start - clusters[-1][0].start <= CLUSTER_S:
+            clusters[-1].append(n)
+        else:
+            clusters.append([n])
+    return clusters
+
+
+def interval_grams(notes: Sequence[codec.Note], n: int = 3) -> list[tuple[int, ...]]:
+    """The top voice's successive intervals, as n-grams."""
+    top = [max(c, key=lambda x: x.pitch).pitch for c in onset_clusters(notes)]
+    steps = np.diff(top).tolist()
+    return [tuple(steps[i:i + n]) for i in range(len(steps) - n + 1)]
+
+
+def motif_echo(call: Sequence[codec.Note], response: Sequence[codec.Note]) -> float:
+    grams = interval_grams(response)
+    if not grams:
+        return float("nan")
+    known = set(interval_grams(call))
+    return float(np.mean([g in known for g in grams]))
+
+
+def held_share(response: Sequence[codec.Note], window_s: float) -> float:
+    if not response:
+        return float("nan")
+    return float(np.mean([min(n.end, window_s) - n.start > HELD_S for n in response]))
+
+
+def ioi_histogram(notes: Sequence[codec.Note]) -> np.ndarray:
+    onsets = [c[0].start for c in onset_clusters(notes)]
+    hist, _ = np.histogram(np.clip(np.diff(onsets), IOI_BINS[0], IOI_BINS[-1]), bins=IOI_BINS)
+    return hist / hist.sum() if hist.sum() else hist.astype(float)
+
+
+def rhythm_overlap(call: Sequence[codec.Note], response: Sequence[codec.Note]) -> float:
+    a, b = ioi_histogram(call), ioi_histogram(response)
+    if not a.any() or not b.any():
+        return float("nan")
+    return float(np.minimum(a, b).sum())
+
+
+def copied_share(call: Sequence[codec.Note], response: Sequence[codec.Note], run: int = COPY_RUN) -> float:
+    """Share of response notes in a run of >= `run` notes that repeats consecutive call notes exactly:
+    same pitches, same onset gaps (to the 10 ms grid)."""
+    if not response:
+        return float("nan")
+    key = lambda ns: [(n.pitch, round(n.start / V.STEP_S)) for n in sorted(ns, key=lambda x: (x.start, x.pitch))]
+    a, b = key(call), key(response)
+    copied = np.zeros(len(b), dtype=bool)
+    for i in range(len(b)):
+        for j in range(len(a)):
+            k = 0
+            while (i + k < len(b) and j + k < len(a) and b[i + k][0] == a[j + k][0]
+                   and (k == 0 or b[i + k][1] - b[i][1] == a[j + k][1] - a[j][1])):
+                k += 1
+            if k >= run:
+                copied[i:i + k] = True
+    return float(copied.mean())
+
+
 def phrase_metrics(call_tokens: Sequence[int], response_tokens: Sequence[int],
                    call_s: float, response_s: float) -> dict[str, float]:
     call, resp = notes_of(call_tokens), notes_of(response_tokens)
@@ -121,6 +199,12 @@ def phrase_metrics(call_tokens: Sequence[int], response_tokens: Sequence[int],
         "range_overlap": range_overlap(call, resp),
         "closed": closed_share(response_tokens),
         "repetition": repetition(resp),
+        "motif_echo": motif_echo(call, resp),
+        "held_share": held_share(resp, response_s),
+        "velocity_mean": float(np.mean([n.velocity for n in resp])) if resp else float("nan"),
+        "velocity_std": float(np.std([n.velocity for n in resp])) if len(resp) > 1 else float("nan"),
+        "rhythm": rhythm_overlap(call, resp),
+        "copied": copied_share(call, resp),
     }
 
 

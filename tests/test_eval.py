@@ -73,8 +73,9 @@ def test_baseline_is_cached_by_corpus_hash(corpus_and_midi):
 def test_eval_json_against_baseline(corpus_and_midi, tiny_model, capsys):
     data, midi = corpus_and_midi
     for model_path in (tiny_model.checkpoint, tiny_model.onnx):
+        session = [] if model_path == tiny_model.onnx else ["--no-session"]  # streaming one is enough
         rc = cli.main(["eval", "--model", str(model_path), "--midi", str(midi), "--data", str(data), "--json",
-                       "--phrases", "2", "--markov-order", "6"])
+                       "--phrases", "2", "--markov-order", "6", *session])
         out = capsys.readouterr().out
         assert rc == 0
         result = json.loads(out)
@@ -82,11 +83,35 @@ def test_eval_json_against_baseline(corpus_and_midi, tiny_model, capsys):
         assert result["files"] == 3 and result["tokens"] == expected_tokens
         assert 0 < result["model_nll"] < 20 and 0 < result["baseline_nll"] < 20
         assert result["ratio"] == pytest.approx(result["model_nll"] / result["baseline_nll"])
-        assert set(result["metrics"]) == {"phrases", "model", "baseline", "truth", "relative_to_truth"}
+        assert set(result["metrics"]) == {"phrases", "model", "baseline", "truth", "ratio_to_truth"}
         assert result["metrics"]["phrases"] == 2 and set(result["metrics"]["truth"]) == set(M.METRICS)
         if model_path == tiny_model.checkpoint:
+            assert "session" not in result
             torch_nll = result["model_nll"]
+            continue
+        session = result["session"]
+        assert 0 < session["nll_with_memory"] < 20 and 0 < session["nll_without_memory"] < 20
+        # Streamed with jam's slide (keep half, prefill afresh) the model sees less history than the
+        # stride-half windows; both score every token.
+        assert session["nll_without_memory"] == pytest.approx(result["model_nll"], rel=0.15)
     assert result["model_nll"] == pytest.approx(torch_nll, rel=1e-3)  # ONNX and PyTorch score alike
+
+
+def test_streamed_session_memory_pays_off_when_the_player_repeats(tiny_model):
+    from antiphon.daemon.engine import Engine
+    from antiphon.models import session_eval as SE
+
+    piece = codec.encode_file(SATIE)[:400]
+    lm = Engine(str(tiny_model.onnx), log=lambda _: None)
+    s = SE.stream(lm, [[V.BOS] + piece + piece])  # 801 tokens through a 128-token window: it slides
+    notes = sum(V.NOTE_ON <= t < V.NOTE_OFF for t in piece)
+    assert s["logp"].size == 800 and s["on_kind"].size == 2 * notes
+    # The second time through, the memory knows every note: its long matches all predict right.
+    second = s["match"][notes + 8:, -1]
+    assert (second >= 6).mean() > 0.9
+    assert SE.nll(s, *SE.shipped_constants()) < SE.nll(s) - 0.05
+    best = SE.fit(s)
+    assert best["nll"] <= SE.nll(s, *SE.shipped_constants()) and best["nll_without"] == SE.nll(s)
 
 
 def test_sliding_window_scores_every_token_once(tiny_model):
@@ -144,3 +169,27 @@ def test_density_range_closed_and_repetition():
     straight = M.repetition(M.notes_of(phrase(list(range(48, 64)))))
     wandering = M.repetition(M.notes_of(phrase([60, 61, 63, 66, 70, 75, 69, 62, 54, 63, 73, 62])))
     assert wandering == 0.0 < looping and straight == pytest.approx(11 / 12)
+
+
+def test_motif_echo_held_velocity_rhythm_and_copies():
+    motif = [60, 64, 62, 67]
+    call = phrase(motif * 4)
+    varied = M.phrase_metrics(call, phrase([v + 5 for v in motif] * 2 + [70, 71, 59, 61]), 4.0, 3.0)
+    unrelated = M.phrase_metrics(call, phrase([60, 61, 63, 66, 70, 75, 69, 62]), 4.0, 2.0)
+    assert unrelated["motif_echo"] == 0.0
+    # The transposed motif's intervals are the call's: 6 of its 9 3-interval grams occur in the call.
+    assert varied["motif_echo"] == pytest.approx(5 / 9)
+    assert varied["copied"] == 0.0  # transposed: no exact copy
+    verbatim = M.phrase_metrics(call, call[:len(call) // 2], 4.0, 2.0)
+    assert verbatim["copied"] == 1.0 and verbatim["motif_echo"] == 1.0
+    drones = M.phrase_metrics(call, phrase([48, 52, 55, 60], step_s=0.1, hold_s=3.0), 4.0, 1.4)
+    assert drones["held_share"] == 0.0  # clipped at the 1.4 s window: none sounds 1.5 s inside it
+    drones = M.phrase_metrics(call, phrase([48, 52, 55, 60], step_s=0.1, hold_s=3.0), 4.0, 4.0)
+    assert drones["held_share"] == 1.0
+    assert M.phrase_metrics(call, call, 4.0, 4.0)["held_share"] == 0.0
+    soft = [codec.Note(60 + i, i * 0.25, i * 0.25 + 0.2, 30 + 10 * (i % 2)) for i in range(8)]
+    soft_tokens = codec.encode_performance(codec.Performance(soft, []))
+    m = M.phrase_metrics(call, soft_tokens, 4.0, 2.0)
+    assert 30 <= m["velocity_mean"] <= 40 and 4 <= m["velocity_std"] <= 6
+    assert M.phrase_metrics(call, call, 4.0, 4.0)["rhythm"] == 1.0
+    assert M.phrase_metrics(call, phrase(motif * 2, step_s=1.0), 4.0, 4.0)["rhythm"] == 0.0

@@ -17,10 +17,11 @@ import numpy as np
 
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
+from antiphon.daemon.answer import answer_decoder
 from antiphon.daemon.engine import Engine
 from antiphon.daemon.errors import UserError
 from antiphon.daemon.offline.render import ANSWER_TRACK
-from antiphon.daemon.sampling import Sampler, grammar_mask
+from antiphon.daemon.sampling import Sampler, grammar_mask, jam_sampler
 
 DEFAULT_SECONDS = 8.0
 CALL_S = 8.0
@@ -28,12 +29,18 @@ CALL_S = 8.0
 
 def continue_tokens(engine: Engine, context: list[int], seconds: float, sampler: Sampler,
                     max_note_s: float = 4.0, max_tokens: int = 20000) -> codec.Performance:
-    """Sample until `seconds` of music have passed after the context; every note is closed."""
+    """Sample until `seconds` of music have passed after the context; every note is closed.
+    The sampler's session memory has learned the whole input, as jam's would have (it keeps
+    what the window drops)."""
+    if sampler.memory is not None:
+        sampler.memory.hear_tokens(context)
     if len(context) >= engine.context:
         context = context[-(engine.context // 2):]  # the daemon's slide policy: keep the recent half
     engine.rollback(0)
     logits = engine.prefill([V.BOS] + context if len(context) < engine.context - 1 else context)
-    decoder = codec.TokenDecoder(channel=0, max_note_s=max_note_s)
+    enc = codec.TokenEncoder()
+    enc.velocity_bin = next((t - V.VELOCITY for t in reversed(context) if V.VELOCITY <= t < V.SUSTAIN_ON), -1)
+    decoder = answer_decoder(enc, 0, max_note_s)
     mask = np.ones(V.VOCAB_SIZE, dtype=bool)
     messages: list[codec.TimedMessage] = []
     for _ in range(max_tokens):
@@ -55,7 +62,8 @@ def _bar_seconds(score) -> float:
 
 
 def continue_file(in_path: str, out_path: str, seconds: float | None, bars: float | None, seed: int,
-                  temperature: float, top_p: float, model: str = "", follow_density: float = 0.0) -> dict:
+                  temperature: float, top_p: float, model: str = "", follow_density: float = 0.0,
+                  memory: float = 0.0) -> dict:
     import symusic
 
     perf = codec.load_midi(in_path)
@@ -68,7 +76,7 @@ def continue_file(in_path: str, out_path: str, seconds: float | None, bars: floa
         raise UserError("the continuation length must be positive")
 
     engine = Engine(model or None, threads=1)
-    sampler = Sampler(None if seed < 0 else seed, temperature, top_p, follow_density)
+    sampler = jam_sampler(None if seed < 0 else seed, temperature, top_p, follow_density, memory)
     # The call is the input's last CALL_S seconds: the rate of what was just played, not of the piece.
     last = max(n.start for n in perf.notes)
     sampler.begin(sum(n.start > last - CALL_S for n in perf.notes), min(CALL_S, last - min(n.start for n in perf.notes)))
@@ -107,7 +115,7 @@ def continue_file(in_path: str, out_path: str, seconds: float | None, bars: floa
 
 def main(args) -> int:
     stats = continue_file(args.input, args.output, args.seconds, args.bars, args.seed, args.temperature,
-                          args.top_p, args.model, args.follow_density)
+                          args.top_p, args.model, args.follow_density, args.memory)
     print(f"{args.input}: {stats['input_notes']} notes; added {stats['answer_notes']} notes over "
           f"{stats['seconds']} s on track '{ANSWER_TRACK}' → {stats['output']}")
     return 0

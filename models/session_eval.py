@@ -1,0 +1,104 @@
+"""Streamed session NLL: a whole work fed token by token the way the daemon hears a session.
+
+The window slides as in jam (a full cache keeps its recent half and re-prefills), and the
+session memory (daemon/memory.py) learns every note as it is heard. Per note-on we keep what
+the mixing needs (the model's kind and pitch log-odds, the memory's match length and proposal
+for the played pitch at each maximum order), so the memory's constants are fitted on one
+set without running the model again, and then reported on another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from antiphon.daemon import memory as MEM
+from antiphon.daemon import vocab as V
+from antiphon.daemon.memory import SessionMemory
+
+ORDERS = (2, 4, 6, 8)
+WEIGHTS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+HALF_ORDERS = (0.5, 1.0, 2.0, 4.0)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max()
+    return x - math.log(np.exp(x).sum())
+
+
+def stream(lm, docs: Sequence[Sequence[int]], orders: Sequence[int] = ORDERS) -> dict[str, np.ndarray]:
+    """Per scored token: model log p; per note-on: log P(kind), log p(pitch | on), and per order
+    the memory's match length and proposed p(pitch) (NaN rows where nothing matched)."""
+    logp_all, on_kind, on_pitch, match, mem_p = [], [], [], [], []
+    for doc in docs:
+        memories = [SessionMemory(max_order=k, weight=1.0, half_order=0.0) for k in orders]
+        lm.reset()
+        logits = lm.prefill([doc[0]])
+        window = [doc[0]]
+        for tok in doc[1:]:
+            logp = _log_softmax(np.asarray(logits))
+            logp_all.append(logp[tok])
+            if V.NOTE_ON <= tok < V.NOTE_OFF:
+                on = logp[V.NOTE_ON:V.NOTE_OFF]
+                kind = on.max() + math.log(np.exp(on - on.max()).sum())
+                on_kind.append(kind)
+                on_pitch.append(logp[tok] - kind)
+                row_k, row_p = [], []
+                for m in memories:
+                    _, proposal = m.propose()
+                    order = _match(m)
+                    row_k.append(order)
+                    row_p.append(proposal[tok - V.NOTE_ON] if proposal is not None else np.nan)
+                    m.hear(tok - V.NOTE_ON)
+                match.append(row_k)
+                mem_p.append(row_p)
+            if len(window) >= lm.context:  # jam's slide: keep the recent half, prefill it afresh
+                window = window[-(lm.context // 2):]
+                lm.reset()
+                lm.prefill(window)
+            logits = lm.decode(tok)
+            window.append(tok)
+    return {"logp": np.array(logp_all), "on_kind": np.array(on_kind), "on_pitch": np.array(on_pitch),
+            "match": np.array(match, dtype=float).reshape(-1, len(orders)),
+            "mem_p": np.array(mem_p, dtype=float).reshape(-1, len(orders)), "orders": np.array(orders)}
+
+
+def _match(m: SessionMemory) -> int:
+    """Length of the longest context the memory has seen (what propose() weighted by)."""
+    ctx = tuple(m.recent)
+    order = -1
+    for k in range(len(ctx) + 1):
+        if ctx[len(ctx) - k:] not in m.tables[k]:
+            break
+        order = k
+    return order
+
+
+def nll(s: dict[str, np.ndarray], order: int | None = None, weight: float = 0.0, half_order: float = 1.0) -> float:
+    """Mean nats/token with the memory of `order` mixed in (None or weight 0: the model alone)."""
+    total = -s["logp"].sum()
+    if order is None or weight <= 0.0 or s["on_kind"].size == 0:
+        return float(total / s["logp"].size)
+    j = int(np.flatnonzero(s["orders"] == order)[0])
+    k, p = s["match"][:, j], s["mem_p"][:, j]
+    use = (k >= 1) & np.isfinite(p)
+    kk = np.maximum(k, 0.0)
+    w = np.where(use, weight * kk / (kk + half_order), 0.0)
+    mixed = (1 - w) * np.exp(s["on_pitch"]) + w * np.where(use, p, 0.0)
+    delta = -(s["on_kind"] + np.log(mixed)).sum() + (s["on_kind"] + s["on_pitch"]).sum()
+    return float((total + delta) / s["logp"].size)
+
+
+def shipped_constants() -> tuple[int, float, float]:
+    return MEM.MAX_ORDER, MEM.WEIGHT, MEM.HALF_ORDER
+
+
+def fit(s: dict[str, np.ndarray]) -> dict[str, float]:
+    """The (order, weight, half_order) with the lowest streamed NLL on this set."""
+    best = min(itertools.product(s["orders"].tolist(), WEIGHTS, HALF_ORDERS), key=lambda c: nll(s, *c))
+    return {"max_order": int(best[0]), "weight": best[1], "half_order": best[2], "nll": nll(s, *best),
+            "nll_without": nll(s)}
