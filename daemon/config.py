@@ -127,6 +127,8 @@ class JamConfig:
     top_p: float = _f(0.9, "nucleus mass of the pitch choice")
     follow_density: float = _f(0.75, "0-1: the call's share of the answer's note rate, the model's being the rest "
                                      "(geometric; 0: the model's own)")
+    follow_dynamics: float = _f(0.75, "0-1: how far the answer's loudness moves from the model's toward the "
+                                      "call's mean velocity (0: the model's own)")
     memory: float = _f(1.0, "0-1: how much the answer draws on what you played this session (the session "
                             "memory's proposals mixed into the pitch choice; 1: as fitted, 0: off)")
     wait_ms: int = _f(400, "ms of silence, no key down, after the player's last event that end a phrase", "--wait")

@@ -60,6 +60,7 @@ class Conversation:
         self.keys_down: set[int] = set()
         self.phrase_start: float | None = None
         self.call_notes = 0  # note-ons since phrase_start: the answer's note rate follows the call's
+        self.call_loudness = 0  # their velocities summed: the answer's dynamics follow the call's
         self.last_event = 0.0
         self.answer: Answer | None = None
         self.awaiting: int | None = None  # gen whose `heard` reply we wait for
@@ -118,8 +119,9 @@ class Conversation:
         if status == codec.NOTE_ON_STATUS and d2 > 0:
             self.keys_down.add(d1)
             if self.phrase_start is None:
-                self.phrase_start, self.call_notes = t, 0
+                self.phrase_start, self.call_notes, self.call_loudness = t, 0, 0
             self.call_notes += 1
+            self.call_loudness += d2
         elif status in (codec.NOTE_OFF_STATUS, codec.NOTE_ON_STATUS):
             self.keys_down.discard(d1)
         elif status == codec.CC_STATUS and d1 in (codec.CC_ALL_NOTES_OFF, codec.CC_ALL_SOUND_OFF):
@@ -254,7 +256,7 @@ class Conversation:
         self.spec_logits = np.array(logits, dtype=np.float32)
         memory = getattr(self.sampler, "memory", None)
         self.answer.memory_mark = memory.mark() if memory is not None else ()
-        self.sampler.begin(self.call_notes, call_s)
+        self.sampler.begin(self.call_notes, call_s, self.call_loudness / max(self.call_notes, 1))
 
     def wants_work(self) -> bool:
         return self.answer is not None and not self.answer.done and self.awaiting is None

@@ -39,6 +39,13 @@ from antiphon.daemon.errors import UserError
 # final note-offs a few periods to leave before the port closes.
 FLUSH_S = 0.05
 RECONNECT_S = 0.05
+# Idle wake-ups, each a few tens of microseconds of Python. The engine wakes only to see whether a
+# key has been held past --max-note-s (seconds); input and answers wake it at once through its
+# queue. The main thread redraws the status line when it changed, and reads the kernel's socket
+# table (as long as a desktop has sockets) only once a second: a dead JACK server is noticed in time.
+ENGINE_IDLE_S = 0.5
+MAIN_TICK_S = 0.2
+JACK_WATCH_S = 1.0
 
 
 def read_trace_beats(path: str | Path) -> list[tuple[float, float, list[int], float | None]]:
@@ -146,7 +153,8 @@ class Jam:
         # The engine (ORT session, first prefill) is built before any real-time thread starts.
         engine = Engine(cfg.model or None, threads=cfg.threads, log=lambda s: None)
         self.model_desc = f"{engine.model_path} (context {engine.context})"
-        self.conv = Conversation(engine, jam_sampler(cfg.seed, cfg.temperature, cfg.top_p, cfg.follow_density, cfg.memory), grammar_mask, cfg,
+        self.conv = Conversation(engine, jam_sampler(cfg.seed, cfg.temperature, cfg.top_p, cfg.follow_density, cfg.memory,
+                                             cfg.follow_dynamics), grammar_mask, cfg,
                                  self._submit, self._cancel, log,
                                  align=studio.align, snap=studio.snap)
         self._warm_up(engine)
@@ -207,11 +215,11 @@ class Jam:
         conv, q = self.conv, self.engine_q
         while not self.stopping.is_set():
             try:
-                item = q.get_nowait() if conv.wants_work() else q.get(timeout=0.1)
+                item = q.get_nowait() if conv.wants_work() else q.get(timeout=ENGINE_IDLE_S)
             except queue.Empty:
                 conv.step()
                 if not conv.wants_work():
-                    conv.check_held(self.clock.now())  # at most every 0.1 s, when idle
+                    conv.check_held(self.clock.now())  # every ENGINE_IDLE_S, when idle
                 continue
             if item[0] == "midi":
                 self.studio.engine_taken += 1
@@ -237,12 +245,16 @@ class Jam:
 
         status = StatusLine(enabled=not self.cfg.quiet)
         watch = self._jack_watch()
+        next_watch = 0.0
         try:
-            while not self.stopping.wait(0.2):
+            while not self.stopping.wait(MAIN_TICK_S):
                 now = self.clock.now()
                 self.studio.housekeeping(now)
                 status.show(self.studio, self.conv, self.scheduler.active(), now)
-                if watch is not None and not watch.alive():
+                if watch is not None and now >= next_watch:
+                    next_watch = now + JACK_WATCH_S
+                    if watch.alive():
+                        continue
                     self.server_gone = True
                     self.error = UserError(f"the JACK server '{watch.server}' stopped: antiphon can neither hear nor "
                                            "play. Start JACK again, then `antiphon jam`")

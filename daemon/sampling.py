@@ -20,6 +20,7 @@ from antiphon.daemon.memory import SessionMemory, mix_pitch
 KIND_STARTS = np.array([0, V.NOTE_ON, V.NOTE_OFF, V.TIME_SHIFT, V.VELOCITY, V.SUSTAIN_ON])
 KIND_ENDS = np.append(KIND_STARTS[1:], V.VOCAB_SIZE)
 NOTE_KINDS = [1, 4]  # NOTE_ON, and VELOCITY, which only ever precedes a NOTE_ON
+_VELOCITY_BINS = np.arange(V.VELOCITY_BINS, dtype=np.float64)
 
 
 class Sampler:
@@ -43,7 +44,7 @@ class Sampler:
     """
 
     def __init__(self, seed: int | None, temperature: float, top_p: float, follow_density: float = 0.0,
-                 memory: SessionMemory | None = None, memory_scale: float = 1.0):
+                 memory: SessionMemory | None = None, memory_scale: float = 1.0, follow_dynamics: float = 0.0):
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if not 0.0 <= follow_density <= 1.0:
@@ -56,13 +57,19 @@ class Sampler:
         self.gain = w / (1.0 - w)
         self.rate = 0.0  # the call's notes per second; 0: no steer
         self.notes = self.steps = 0  # the answer's so far, as sampled
+        if not 0.0 <= follow_dynamics <= 1.0:
+            raise ValueError(f"follow_dynamics must be in [0, 1], got {follow_dynamics}")
+        self.follow_dynamics = float(follow_dynamics)
+        self.call_velocity = -1.0  # the call's mean velocity bin; < 0: no steer
         # The session memory proposes pitches; memory_scale (the player's --memory, 0: off) scales its weight.
         self.memory, self.memory_scale = memory, float(memory_scale)
 
-    def begin(self, call_notes: int, call_s: float) -> None:
+    def begin(self, call_notes: int, call_s: float, call_velocity: float = -1.0) -> None:
         """A new answer to a call of `call_notes` notes over `call_s` seconds (a call shorter than
-        1 s counts as 1 s: three grace notes are not a rate of ten per second)."""
+        1 s counts as 1 s: three grace notes are not a rate of ten per second), played at a mean
+        MIDI velocity of `call_velocity` (< 0: unknown, no dynamics steer)."""
         self.rate = call_notes / max(call_s, 1.0)
+        self.call_velocity = V.velocity_bin(round(call_velocity)) if call_velocity > 0 else -1.0
         self.notes = self.steps = 0
 
     def _note_odds(self) -> float:
@@ -100,9 +107,33 @@ class Sampler:
             kinds[NOTE_KINDS] *= odds
         kind = self._draw(kinds)
         lo = int(KIND_STARTS[kind])
+        if lo == V.VELOCITY and self.follow_dynamics > 0.0 and self.call_velocity >= 0:
+            return self._count(lo + self._draw(self._dynamics(p[lo:int(KIND_ENDS[kind])])))
         if lo != V.NOTE_ON:
             return self._count(lo + self._draw(p[lo:int(KIND_ENDS[kind])]))
         return self._count(self._pitch(x[lo:int(KIND_ENDS[kind])]) + lo)
+
+    def _dynamics(self, q: np.ndarray) -> np.ndarray:
+        """Tilt the velocity-bin odds q (unnormalised) so that their mean moves `follow_dynamics` of
+        the way from the model's to the call's mean bin: q(b) * exp(theta * b). A tilt moves the
+        loudness and keeps the model's spread and accents (a product with a Gaussian would narrow
+        them). The tilted mean grows with theta, so theta is found by bisection."""
+        q = q / q.sum()
+        bins = _VELOCITY_BINS
+        model_mean = float(q @ bins)
+        target = model_mean + self.follow_dynamics * (self.call_velocity - model_mean)
+        lo, hi = -4.0, 4.0
+        logq = np.log(np.maximum(q, 1e-300))
+        for _ in range(24):
+            theta = 0.5 * (lo + hi)
+            z = logq + theta * bins
+            w = np.exp(z - z.max())
+            w /= w.sum()
+            if float(w @ bins) < target:
+                lo = theta
+            else:
+                hi = theta
+        return w
 
     def pitch_logits(self, y: np.ndarray) -> np.ndarray:
         """The NOTE_ON logits (masked: -inf) with the session memory's proposal mixed in."""
@@ -134,12 +165,12 @@ class Sampler:
 
 
 def jam_sampler(seed: int | None, temperature: float, top_p: float, follow_density: float,
-                memory: float) -> Sampler:
+                memory: float, follow_dynamics: float = 0.0) -> Sampler:
     """The jam's sampler, as jam, continue and eval all use it. The session memory always learns
     (a live control may turn it up later); `memory` scales how much it is heard, 0: not at all."""
     if not 0.0 <= memory <= 1.0:
         raise ValueError(f"memory must be in [0, 1], got {memory}")
-    return Sampler(seed, temperature, top_p, follow_density, SessionMemory(), memory)
+    return Sampler(seed, temperature, top_p, follow_density, SessionMemory(), memory, follow_dynamics)
 
 
 _BASE = np.ones(V.VOCAB_SIZE, dtype=bool)

@@ -174,16 +174,17 @@ def phrases(docs: list[list[int]], n: int) -> list[tuple[list[int], list[int], l
 
 def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, seed: int,
                     temperature: float = 1.0, top_p: float = 0.95, follow_density: float = 0.0,
-                    memory: float = 0.0) -> dict:
+                    memory: float = 0.0, follow_dynamics: float = 0.0) -> dict:
     rows: dict[str, list] = {"model": [], "baseline": [], "truth": []}
     pairs = phrases(docs, n)
     for i, (before, call, truth) in enumerate(pairs):
         prompt = [V.BOS] + call
-        samplers = [jam_sampler(seed + i, temperature, top_p, follow_density, memory),
-                    Sampler(seed + i, temperature, top_p, follow_density)]
+        samplers = [jam_sampler(seed + i, temperature, top_p, follow_density, memory, follow_dynamics),
+                    Sampler(seed + i, temperature, top_p, follow_density, follow_dynamics=follow_dynamics)]
         samplers[0].memory.hear_tokens(before + call)  # the session so far, as jam's memory has heard it
+        call_notes = M.notes_of(call)
         for s in samplers:
-            s.begin(len(M.notes_of(call)), CALL_S)
+            s.begin(len(call_notes), CALL_S, float(np.mean([n.velocity for n in call_notes])))
         model_out = generate(lm_sampler(lm, prompt), prompt, RESPONSE_S, samplers[0])
         base_out = generate(markov_sampler(baseline, prompt), prompt, RESPONSE_S, samplers[1])
         for name, resp in (("model", model_out), ("baseline", base_out), ("truth", truth)):
@@ -256,9 +257,10 @@ def main(args) -> int:
     if args.phrases > 0:
         log(f"generating responses to up to {args.phrases} phrases")
         result["sampling"] = {"temperature": args.temperature, "top_p": args.top_p,
-                              "follow_density": args.follow_density, "memory": args.memory}
+                              "follow_density": args.follow_density, "follow_dynamics": args.follow_dynamics,
+                              "memory": args.memory}
         result["metrics"] = musical_metrics(lm, baseline, docs, args.phrases, args.seed, args.temperature, args.top_p,
-                                             args.follow_density, args.memory)
+                                             args.follow_density, args.memory, args.follow_dynamics)
     if args.json:
         print(json.dumps(_finite(result), indent=2))
         return 0

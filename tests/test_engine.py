@@ -194,6 +194,30 @@ def test_follow_density_settles_between_the_models_rate_and_the_calls():
             Sampler(0, 1.0, 1.0, follow_density=bad)
 
 
+def test_follow_dynamics_moves_the_loudness_toward_the_calls_and_keeps_the_spread():
+    """A model that plays around velocity bin 20 (MIDI ~82) with some spread, answering a soft call
+    (MIDI 40, bin 10): w of the way there, the spread kept within 20 %."""
+    logits = np.full(V.VOCAB_SIZE, -30.0)
+    logits[V.VELOCITY:V.SUSTAIN_ON] = -0.5 * ((np.arange(V.VELOCITY_BINS) - 20) / 2.0) ** 2
+    mask = np.zeros(V.VOCAB_SIZE, bool)
+    mask[V.VELOCITY:V.SUSTAIN_ON] = True
+
+    def draw(w: float, call_velocity: float) -> np.ndarray:
+        s = Sampler(9, 1.0, 1.0, follow_dynamics=w)
+        s.begin(10, 8.0, call_velocity)
+        return np.array([s.sample(logits, mask) - V.VELOCITY for _ in range(3000)])
+
+    own, half, most = draw(0.0, 40.0), draw(0.5, 40.0), draw(0.75, 40.0)
+    assert abs(own.mean() - 20) < 0.2
+    call_bin = V.velocity_bin(40)
+    for w, got in ((0.5, half), (0.75, most)):
+        assert abs(got.mean() - (20 + w * (call_bin - 20))) < 0.6, (w, got.mean())
+        assert 0.8 < got.std() / own.std() < 1.2
+    assert abs(draw(0.75, -1.0).mean() - 20) < 0.2  # no call loudness known: the model's own
+    with pytest.raises(ValueError):
+        Sampler(0, 1.0, 1.0, follow_dynamics=1.5)
+
+
 def test_grammar_mask_follows_the_decoder_ledger():
     dec = codec.TokenDecoder()
     mask = grammar_mask(dec, np.empty(V.VOCAB_SIZE, bool))

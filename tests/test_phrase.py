@@ -228,13 +228,14 @@ def test_the_answer_sampler_is_told_each_calls_note_rate():
     h = Harness(wait_ms=400)
     told = []
     begin = h.conv.sampler.begin
-    h.conv.sampler.begin = lambda notes, seconds: (told.append((notes, round(seconds, 6))), begin(notes, seconds))
+    h.conv.sampler.begin = lambda notes, seconds, loud: (told.append((notes, round(seconds, 6), loud)),
+                                                         begin(notes, seconds, loud))
     call(h)  # two notes over 0.6 s
-    assert told[-1] == (2, 0.6)
+    assert told[-1][:2] == (2, 0.6)
     h.generate()
     gen = h.conv.answer.gen
     for i, t in enumerate((20.0, 20.1, 20.2)):  # a new call of three quick notes, then its releases
         h.play(t, ON, 60 + i, 90)
     for i in range(3):
         h.play(20.5, OFF, 60 + i)
-    assert h.conv.answer.gen > gen and told[-1] == (3, 0.5)
+    assert h.conv.answer.gen > gen and told[-1] == (3, 0.5, 90.0)  # and their mean velocity
