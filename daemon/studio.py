@@ -60,7 +60,6 @@ class Studio:
         self.controls = Controls.from_config(cfg)
         self.beat = ClockFollower(cfg.beats_per_bar, cfg.quantize)
         self.echo = EchoGuard.from_config(cfg.echo_window_ms)
-        self.channel = cfg.in_channel - 1  # -1: every channel
         self.rec = None
         if cfg.record:
             for path in recorder.recover(cfg.record):
@@ -81,7 +80,6 @@ class Studio:
         self._offsets: deque[float] = deque(maxlen=STAMP_WINDOW)
         self._answering = False  # an answer's first note-on has gone out; reset when it ends
         # Why a player's note got no answer, for the main thread to say once (scheduler/engine writers).
-        self.off_channel = -1  # the channel of a note ignored by --in-channel
         self.unheard_while_off = 0  # note-ons heard while answering is switched off
         self.answering_off = False  # engine-thread writer
         self._quiet_told = False
@@ -152,10 +150,6 @@ class Studio:
         jack_t = self._midi_stamp(t, jt)
         if status >= 0xF0:
             self._transport(status, msg, jack_t)
-            return
-        if self.channel >= 0 and status & 0x0F != self.channel:
-            if status & 0xF0 == NOTE_ON and msg[2] > 0:
-                self.off_channel = status & 0x0F
             return
         if self.echo.is_echo(msg, t):
             return  # before barge-in: our own note coming back must not stop our answer
@@ -288,9 +282,9 @@ class Studio:
 
     def _unanswered_warning(self) -> str:
         """Once per reason: notes were heard that antiphon will not answer, and why."""
-        if self.off_channel >= 0 and "channel" not in self._told:
+        if self.inbox.dropped_channel and "channel" not in self._told:  # the inbox drops them
             self._told.add("channel")
-            return (f"input: notes on channel {self.off_channel + 1} are not answered: antiphon listens on channel "
+            return (f"input: messages on other MIDI channels are not answered: antiphon listens on channel "
                     f"{self.cfg.in_channel} only (--in-channel 0 listens to all)")
         if self.unheard_while_off and "off" not in self._told:
             self._told.add("off")

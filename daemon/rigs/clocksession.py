@@ -1,0 +1,404 @@
+"""antiphon following a MIDI clock nobody on the project wrote: Debian's `jack_midi_clock`, driven
+by `jack_transport` as a DAW drives it, on a private JACK server. Used by tests/test_clock_jack.py
+and, run as a program, for the report in docs/clock.md:
+
+    python -m antiphon.daemon.rigs.clocksession --sessions 40 [--model M] [--json]
+
+A session: `antiphon jam` with --trace and --record; `jack_midi_clock -b BPM -B` turning JACK's
+transport into MIDI clock; a reference listener (a `tap` child, below) on the clock's own output;
+a player probe playing phrases into antiphon and hearing its answers. Scenarios:
+
+- stopped: transport at 0 and stopped, then play (Start);
+- rolling: the transport already rolls when the clock source joins (ticks, no Start);
+- locate: between phrases the transport stops and plays again, from 0 (Start) or located
+  elsewhere (Stop, Continue: MIDI continues from where it stopped);
+- relay: as stopped, but antiphon hears the clock through a relay that drops ticks.
+
+Truth is the clock source as the reference listener hears it: the song position of each tick
+counted the MIDI way (from Start; across Stop/Continue; from the first tick when there was no
+Start), each run of ticks fitted with a line, so ticks the listener itself lost do not matter.
+For each phrase: did an answer come, at which song position does antiphon's --trace say its first
+note was placed, and how far from that beat (as the source placed it) was it sent and heard.
+
+`python -m antiphon.daemon.rigs.clocksession tap NAME [DROP...]` is the listener/relay child:
+port NAME:in, stamps every message on JACK's time (rtmidi's deltas) mapped to perf_counter,
+prints `H t b..`; with DROP numbers it also forwards to NAME-out:out, dropping those ticks (1-based).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from antiphon.daemon.jam import read_trace_beats
+from antiphon.daemon.rigs.jackprobe import Probe
+from antiphon.daemon.rigs.jackserver import JackServer, orphan_safe
+
+BPM = 100.0
+PPQN = 24
+WAIT_MS = 300
+JAM_ARGS = ["--api", "jack", "--seed", "1", "--wait-ms", str(WAIT_MS), "--answer-min-s", "1.0",
+            "--answer-max-s", "1.5"]
+PHRASE = [(0.25 * i + d, [0x90 if d == 0 else 0x80, p, 90 if d == 0 else 0])
+          for i, p in enumerate((60, 62, 64, 67)) for d in (0.0, 0.2)]
+PHRASE_GAP_S = 4.5  # one phrase every this many seconds: the answer (<= 1.5 s, from <= 1.9 s) is over by 3.4 s
+CLOCK_PORT = "jack_midi_clock:mclk_out"
+SCENARIOS = ("stopped", "rolling", "locate", "relay")
+RELAY_DROPS = (30, 31, 75, 120, 121, 122, 200, 260, 333, 400, 480, 560, 561, 640, 700)
+
+
+def transport(jack: JackServer, command: str) -> None:
+    """One jack_transport command (it reads them from stdin: `play`, `stop`, `locate FRAME`)."""
+    subprocess.run(["jack_transport"], input=command + "\n", env=jack.env, capture_output=True, text=True,
+                   timeout=10, check=True)
+
+
+class Tap:
+    """A listener (and, with drops, a relay) child: what a clock source's ticks look like at a client."""
+
+    def __init__(self, jack: JackServer, name: str, drops: tuple[int, ...] | None = None) -> None:
+        self.name, self.heard = name, []
+        argv = [sys.executable, "-m", "antiphon.daemon.rigs.clocksession", "tap", name]
+        if drops is not None:
+            argv += [str(d) for d in drops] or ["0"]
+        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed with the tap
+        self.proc = subprocess.Popen(orphan_safe(argv), env=jack.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, text=True, bufsize=1)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 20)
+        if not ready or self.proc.stdout.readline().strip() != "R":  # type: ignore[union-attr]
+            self.proc.kill()
+            raise RuntimeError(f"clock tap {name} did not start")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        jack.wait_ports(self.in_port, *([self.out_port] if drops is not None else []))
+
+    in_port = property(lambda self: f"{self.name}:in")
+    out_port = property(lambda self: f"{self.name}-out:out")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            tag, t, *data = line.split()
+            if tag == "H":
+                self.heard.append((float(t), [int(b) for b in data]))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # type: ignore[union-attr]
+                self.proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+def _tap_child(name: str, drops: list[int] | None) -> None:
+    import rtmidi
+
+    now, out_fd = time.perf_counter, sys.stdout.fileno()
+    jack_t, offsets = [0.0], []
+    ticks = [0]
+    drop = set(drops or ())
+    out = None
+    if drops is not None:
+        out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=f"{name}-out")
+        out.open_virtual_port("out")
+
+    def on_message(event: tuple, _data: Any = None) -> None:
+        t = now()
+        msg, delta = event
+        jack_t[0] += delta
+        offsets.append(t - jack_t[0])
+        if len(offsets) > 32:
+            offsets.pop(0)
+        if msg[0] == 0xF8:
+            ticks[0] += 1
+            if ticks[0] in drop:
+                return
+        if out is not None:
+            out.send_message(msg)
+        os.write(out_fd, (f"H {jack_t[0] + min(offsets):.7f} " + " ".join(map(str, msg)) + "\n").encode())
+
+    inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=name)
+    inp.ignore_types(sysex=True, timing=False, active_sense=True)
+    inp.set_callback(on_message)
+    inp.open_virtual_port("in")
+    os.write(out_fd, b"R\n")
+    sys.stdin.read()  # until the parent closes the pipe
+    for port in (inp, out):
+        if port is not None:
+            port.close_port()
+            port.delete()
+    os._exit(0)
+
+
+# --------------------------------------------------------------------------- the source's own beats
+
+@dataclass
+class SourceBeats:
+    """Song position → time, as the clock source placed it: one fitted line per run of ticks."""
+
+    runs: list[tuple[int, int, float, float]] = field(default_factory=list)  # first, last tick, time of tick 0, period
+    ticks: int = 0  # ticks the listener heard
+    missing: int = 0  # ticks the lines say the listener did not hear
+
+    @classmethod
+    def from_heard(cls, heard: list[tuple[float, list[int]]], bpm: float = BPM) -> SourceBeats:
+        p0 = 60.0 / (PPQN * bpm)
+        out = cls()
+        pos = 0  # the song position the next tick has (MIDI: Start → 0; Continue → where it stopped)
+        run: list[float] = []
+        first = 0
+        began = None
+
+        def close_run() -> None:
+            nonlocal pos
+            if not run:
+                return
+            idx = np.round((np.asarray(run) - run[0]) / p0)
+            period, t0 = np.polyfit(idx, np.asarray(run), 1) if len(run) > 2 else (p0, run[0])
+            last = first + int(idx[-1])
+            out.runs.append((first, last, float(t0) - first * float(period), float(period)))
+            out.ticks += len(run)
+            out.missing += int(idx[-1]) + 1 - len(set(idx.tolist()))
+            pos = last + 1
+
+        for t, m in heard:
+            if m[0] == 0xF8:
+                if not run:
+                    first = pos
+                    if began is not None:
+                        # Continue: jack_midi_clock's first tick comes one period after it; Start: with it.
+                        first += max(0, round((t - began[0]) / p0) - (1 if began[1] == 0xFB else 0))
+                run.append(t)
+            elif m[0] in (0xFA, 0xFB, 0xFC):
+                close_run()
+                run = []
+                if m[0] == 0xFA:
+                    pos = 0
+                began = (t, m[0]) if m[0] != 0xFC else None
+        close_run()
+        return out
+
+    def _run_at(self, t: float) -> tuple[int, int, float, float] | None:
+        """The run of ticks playing at time t (song positions repeat after a Start: time decides)."""
+        for run in reversed(self.runs):
+            first, last, t0, period = run
+            if t0 + (first - PPQN) * period <= t <= t0 + (last + 4 * PPQN) * period:
+                return run
+        return None
+
+    def beat_at(self, t: float) -> float | None:
+        run = self._run_at(t)
+        return None if run is None else (t - run[2]) / run[3] / PPQN
+
+    def time_of(self, beat: float, near: float) -> float | None:
+        """When the source played song position `beat` in the run playing at time `near`."""
+        run = self._run_at(near)
+        return None if run is None else run[2] + beat * PPQN * run[3]
+
+
+# --------------------------------------------------------------------------- one session
+
+@dataclass
+class Answer:
+    phrase: int
+    answered: bool
+    traced_beats: float | None = None  # the song position antiphon's trace gives the first note
+    source_beat: float | None = None  # that note's due time as a song position of the source
+    sent_ms: float | None = None  # sent minus the source's time of the traced beat
+    heard_ms: float | None = None  # heard by the player minus the source's time of the traced beat
+
+
+@dataclass
+class Session:
+    scenario: str
+    answers: list[Answer]
+    log: str
+    source: SourceBeats
+    relay_dropped: int = 0  # ticks the relay kept from antiphon
+    transport: str = ""  # the transport messages the listener heard, in order: S(tart) C(ontinue) P (stop)
+    workdir: Path = Path()
+
+    @property
+    def all_answered(self) -> bool:
+        return all(a.answered for a in self.answers)
+
+
+def start_jam(jack: JackServer, model: str, client: str, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "antiphon.daemon", "jam", *JAM_ARGS, "--client-name", client, *extra]
+    if model:
+        argv += ["--model", model]
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"{client}-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(orphan_safe(argv), env=jack.env, stdout=subprocess.PIPE, stderr=log, text=True)
+    proc.log_path = log.name  # type: ignore[attr-defined]
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    line = proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
+    if not line.startswith("antiphon: listening on"):
+        proc.kill()
+        raise RuntimeError(f"antiphon jam did not start (said {line!r}): {Path(log.name).read_text()[-2000:]}")
+    jack.wait_ports(f"{client}:in", f"{client}-out:out")
+    return proc
+
+
+def stop_jam(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    return Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+
+
+def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phrases: int = 5,
+                name: str = "clk") -> Session:
+    """One session of `phrases` phrases under `scenario` (see the module docstring)."""
+    trace = workdir / f"{name}.trace"
+    jam = start_jam(jack, model, name, "--trace", str(trace), "--record", str(workdir / f"{name}-rec"))
+    player = Probe(jack, f"{name}-player")
+    ref = Tap(jack, f"{name}-ref")
+    relay = Tap(jack, f"{name}-relay", RELAY_DROPS) if scenario == "relay" else None
+    clock_src: subprocess.Popen | None = None
+    offs: list[float] = []
+    try:
+        player.connect(f"{name}:in", f"{name}-out:out")
+        targets = [ref.in_port, relay.in_port if relay else f"{name}:in"]
+        if relay is not None:
+            jack.connect(relay.out_port, f"{name}:in")
+        transport(jack, "stop")
+        transport(jack, "locate 0")
+
+        def start_clock() -> subprocess.Popen:
+            src = subprocess.Popen(orphan_safe(["jack_midi_clock", "-b", f"{BPM:g}", "-B", *targets]), env=jack.env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            jack.wait_ports(CLOCK_PORT)
+            return src
+
+        if scenario == "rolling":
+            transport(jack, "play")
+            time.sleep(0.7)
+            clock_src = start_clock()
+        else:
+            clock_src = start_clock()
+            time.sleep(0.3)
+            transport(jack, "play")
+        time.sleep(1.5)  # a second and a half of ticks for the tempo line
+        for k in range(phrases):
+            t0 = time.perf_counter()
+            offs.append(player.play(PHRASE)[-1])
+            time.sleep(max(0.0, t0 + PHRASE_GAP_S - 1.0 - time.perf_counter()))
+            if scenario == "locate" and k < phrases - 1:
+                transport(jack, "stop")
+                time.sleep(0.2)
+                transport(jack, "locate 0" if k % 2 else f"locate {int(48000 * (3.1 + k))}")
+                time.sleep(0.1)
+                transport(jack, "play")
+            time.sleep(max(0.0, t0 + PHRASE_GAP_S - time.perf_counter()))
+        time.sleep(0.5)
+        transport(jack, "stop")
+        time.sleep(0.2)
+    finally:
+        if clock_src is not None:
+            clock_src.terminate()
+            clock_src.wait(5)
+        log = stop_jam(jam)
+        player.close()
+        ref.close()
+        if relay is not None:
+            relay.close()
+    source = SourceBeats.from_heard(ref.heard)
+    rows = read_trace_beats(trace) if trace.exists() else []
+    answers = []
+    for k, t_off in enumerate(offs):
+        until = offs[k + 1] if k + 1 < len(offs) else float("inf")
+        ons = [r for r in rows if r[2][0] & 0xF0 == 0x90 and r[2][2] > 0 and t_off < r[0] < until]
+        if not ons:
+            answers.append(Answer(k, False))
+            continue
+        due, sent, _, beats = ons[0]
+        a = Answer(k, True, beats, source.beat_at(due))
+        heard = [t for t, m in player.since(t_off) if m[0] & 0xF0 == 0x90 and m[2] > 0 and t < until]
+        src_t = source.time_of(round(beats), near=due) if beats is not None else None
+        if src_t is not None:
+            a.sent_ms = 1000 * (sent - src_t)
+            a.heard_ms = 1000 * (heard[0] - src_t) if heard else None
+        answers.append(a)
+    dropped = sum(1 for d in RELAY_DROPS if d <= source.ticks) if relay else 0
+    heard_transport = "".join({0xFA: "S", 0xFB: "C", 0xFC: "P"}.get(m[0], "") for _, m in ref.heard)
+    return Session(scenario, answers, log, source, dropped, heard_transport, workdir)
+
+
+# --------------------------------------------------------------------------- the report
+
+def summary(sessions: list[Session]) -> dict[str, Any]:
+    answers = [a for s in sessions for a in s.answers if a.answered]
+    on_beat = [a for a in answers if a.traced_beats is not None and a.source_beat is not None
+               and abs(a.traced_beats - round(a.traced_beats)) < 0.02 and abs(a.source_beat - round(a.traced_beats)) < 0.05]
+    heard = sorted(abs(a.heard_ms) for a in answers if a.heard_ms is not None)
+    sent = sorted(abs(a.sent_ms) for a in answers if a.sent_ms is not None)
+
+    def q(xs: list[float], p: float) -> float:
+        return round(float(np.percentile(xs, p)), 2) if xs else float("nan")
+
+    return {
+        "sessions": len(sessions),
+        "all_phrases_answered": sum(s.all_answered for s in sessions),
+        "phrases": sum(len(s.answers) for s in sessions),
+        "answered": len(answers),
+        "answers_on_a_source_beat": len(on_beat),
+        "by_scenario": {sc: f"{sum(s.all_answered for s in sessions if s.scenario == sc)}/"
+                            f"{sum(1 for s in sessions if s.scenario == sc)}" for sc in SCENARIOS},
+        "sent_vs_beat_ms": {"p50": q(sent, 50), "p90": q(sent, 90), "max": q(sent, 100)},
+        "heard_vs_beat_ms": {"p50": q(heard, 50), "p90": q(heard, 90), "max": q(heard, 100)},
+        "ticks_missed_by_listener": sum(s.source.missing for s in sessions),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sessions", type=int, default=40, help="sessions back to back, scenarios in turn")
+    p.add_argument("--phrases", type=int, default=5, help="phrases per session")
+    p.add_argument("--model", default="", help="ONNX model (default: the shipped model)")
+    p.add_argument("--json", action="store_true", help="also print every answer as JSON lines")
+    args = p.parse_args(argv)
+    sessions = []
+    with JackServer() as jack, tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.sessions):
+            scenario = SCENARIOS[i % len(SCENARIOS)]
+            jack.ensure()
+            s = run_session(jack, args.model, scenario, Path(tmp), args.phrases, name=f"clk{i}")
+            sessions.append(s)
+            shown = " ".join("-" if not a.answered else f"{a.traced_beats}@{a.heard_ms and round(a.heard_ms, 1)}ms"
+                             for a in s.answers)
+            print(f"session {i + 1} {scenario}: {shown}", flush=True)
+            if args.json:
+                print(json.dumps([a.__dict__ for a in s.answers]), flush=True)
+            if not s.all_answered:
+                print("  its log: " + " | ".join(s.log.strip().splitlines()[-6:]), flush=True)
+        stalls = jack._stalls()
+    result = summary(sessions)
+    result["jackd_xrun_reports"] = stalls
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "tap":
+        _tap_child(sys.argv[2], [int(x) for x in sys.argv[3:]] if len(sys.argv) > 3 else None)
+    else:
+        sys.exit(main())
