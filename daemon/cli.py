@@ -123,6 +123,8 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-files", type=int, default=0, help="evaluate at most this many files (0: all)")
     p.add_argument("--phrases", type=int, default=32, help="held-out phrases for the musical metrics (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for the musical metrics")
+    p.add_argument("--rolls", default="", metavar="DIR",
+                   help="draw piano rolls of the first held-out calls (call, answer, true continuation) into DIR")
     p.add_argument("--session", action=argparse.BooleanOptionalAction, default=True,
                    help="also stream each file token by token as a jam session (sliding window, session "
                         "memory) and report that NLL with and without the memory, and the memory constants "

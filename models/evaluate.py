@@ -30,6 +30,7 @@ from antiphon.models import session_eval as SE
 from antiphon.models.markov import MarkovModel, baseline_for
 
 CALL_S = RESPONSE_S = 8.0
+ROLLS = 6  # piano rolls drawn with --rolls
 MAX_RESPONSE_TOKENS = 800  # a runaway stream of zero-time tokens must still end
 
 
@@ -172,9 +173,21 @@ def phrases(docs: list[list[int]], n: int) -> list[tuple[list[int], list[int], l
     return out[:n]
 
 
+def phrase_names(names: Sequence[str], docs: list[list[int]], n: int) -> list[tuple[str, int]]:
+    """(file name, call start in seconds) of each phrase, in phrases()'s order."""
+    per_file = [[(name, round(M.duration_s(before))) for before, _, _ in phrases([doc], 10**6)]
+                for name, doc in zip(names, docs)]
+    out = []
+    for i in range(max((len(f) for f in per_file), default=0)):
+        out += [f[i] for f in per_file if i < len(f)]
+    return out[:n]
+
+
 def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, seed: int,
                     temperature: float = 1.0, top_p: float = 0.95, follow_density: float = 0.0,
-                    memory: float = 0.0, follow_dynamics: float = 0.0) -> dict:
+                    memory: float = 0.0, follow_dynamics: float = 0.0, rolls: str = "", names: Sequence[str] = (),
+                    ) -> dict:
+    """`rolls`: a folder to draw the first ROLLS calls' piano rolls into (call, answer, truth)."""
     rows: dict[str, list] = {"model": [], "baseline": [], "truth": []}
     pairs = phrases(docs, n)
     for i, (before, call, truth) in enumerate(pairs):
@@ -189,6 +202,13 @@ def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, se
         base_out = generate(markov_sampler(baseline, prompt), prompt, RESPONSE_S, samplers[1])
         for name, resp in (("model", model_out), ("baseline", base_out), ("truth", truth)):
             rows[name].append(M.phrase_metrics(call, resp, CALL_S, RESPONSE_S))
+        if rolls and i < ROLLS:
+            from antiphon.models.plots import plot_call_answer_truth
+
+            Path(rolls).mkdir(parents=True, exist_ok=True)
+            label = f"held-out call {i}" + (f" ({names[i]})" if i < len(names) else "")
+            plot_call_answer_truth(call_notes, M.notes_of(model_out), M.notes_of(truth), CALL_S,
+                                   Path(rolls) / f"call-{i:02d}.png", label)
     means = {name: M.summarize(r) for name, r in rows.items()}
     # How far each generator lands from what the player actually did next (1 = same as the truth).
     ratio = {gen: {m: means[gen][m] / means["truth"][m] if means["truth"][m] else math.nan for m in M.METRICS}
@@ -225,7 +245,7 @@ def main(args) -> int:
         from antiphon.daemon.engine import default_model_path
         args.model = default_model_path()
     lm = load_lm(args.model)
-    docs, skipped = [], []
+    docs, skipped, names = [], [], []
     for f in midi_files(args.midi, args.max_files):
         try:
             tokens = codec.encode_file(f)
@@ -234,6 +254,7 @@ def main(args) -> int:
             continue
         if tokens:
             docs.append([V.BOS] + tokens)
+            names.append(f.stem)
     if not docs:
         raise UserError(f"--midi {args.midi}: none of the files held notes ({'; '.join(skipped[:3])})")
     baseline = baseline_for(args.data, args.markov_order, args.markov_discount, log)
@@ -260,7 +281,8 @@ def main(args) -> int:
                               "follow_density": args.follow_density, "follow_dynamics": args.follow_dynamics,
                               "memory": args.memory}
         result["metrics"] = musical_metrics(lm, baseline, docs, args.phrases, args.seed, args.temperature, args.top_p,
-                                             args.follow_density, args.memory, args.follow_dynamics)
+                                             args.follow_density, args.memory, args.follow_dynamics, args.rolls,
+                                             [f"{n}, from {t} s" for n, t in phrase_names(names, docs, args.phrases)])
     if args.json:
         print(json.dumps(_finite(result), indent=2))
         return 0
