@@ -171,7 +171,8 @@ class SessionRecorder:
         self._journal = open(self.journal_path, "x", encoding="utf-8")  # noqa: SIM115 - the writer owns it
         if fcntl is not None:  # tells recover() in another process that this session is alive
             fcntl.flock(self._journal.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        header = {"bpm": bpm, "beats_per_bar": beats_per_bar, "channels": list(channels)}
+        # origin: journal times are seconds from it; with it a test lines them up with its own clock.
+        header = {"bpm": bpm, "beats_per_bar": beats_per_bar, "channels": list(channels), "origin": origin}
         self._journal.write(f"{MAGIC} {json.dumps(header)}\n")
         self._journal.flush()
         self._q: queue.SimpleQueue = queue.SimpleQueue()

@@ -1,8 +1,8 @@
 """The live status line of `antiphon jam`: one line, redrawn in place, on a terminal only.
 
 listening / answering / off, the MIDI clock tempo when synced, the latest answer note's send
-lateness, the temperature. Drawn by the main thread every 0.2 s (rich, without its refresh
-thread); logs still print above it. Off with --quiet, and when stderr is not a TTY (a DAW's
+lateness, the temperature. Looked at by the main thread every 0.2 s and redrawn when it changed
+(rich, without its refresh thread); logs still print above it. Off with --quiet, and when stderr is not a TTY (a DAW's
 launcher, a log file, the tests) so nothing but the log lines is written there.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 class StatusLine:
     def __init__(self, enabled: bool = True) -> None:
         self.live: Any = None
+        self.shown = ""
         if not enabled or not sys.stderr.isatty():
             return
         from rich.console import Console
@@ -26,7 +27,10 @@ class StatusLine:
     def show(self, studio: Any, conv: Any, answering: bool, now: float) -> None:
         if self.live is None:
             return
-        self.live.update(self.text(studio, conv, answering, now), refresh=True)
+        text = self.text(studio, conv, answering, now)
+        if text != self.shown:  # a redraw costs rich ~1 ms: an idle jam left on all day must not pay it 5 times a second
+            self.shown = text
+            self.live.update(text, refresh=True)
 
     @staticmethod
     def text(studio: Any, conv: Any, answering: bool, now: float) -> str:

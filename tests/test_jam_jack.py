@@ -1,17 +1,17 @@
 """`antiphon jam` end to end over a real JACK server: a probe client plays phrases into it and
 records what comes back, with arrival times on the clock the daemon schedules on.
 
-Stated tolerances: the answer's first note arrives within 5 ms after (last note-off sent +
-wait) — JACK alone costs one to two 1.3 ms periods each way — as the median of 4 calls, and no
-call beyond 10 ms: with a training run on both cores, 2 of ~40 single calls took 5.2 and 7.0 ms
-(JACK and the probe waiting for a core; the daemon's own trace showed it sending within 0.1 ms
-of due). A barge-in silences the answer within 10 ms of the player's note.
+These tests assert behaviour that must hold on any machine, loaded or not (jackclient.py states
+the bounds): the answer comes after the player's wait, never before, and not late (LATE_S at the
+probe); the probe hears what the daemon sent, in the order sent; the daemon's own --trace shows
+every message sent within SEND_S of its due time; a barge-in silences the answer (within LATE_S
+at the probe); no note is left sounding. How fast, at the median and p99, is `antiphon bench
+--live`'s to say (idle: ~2 ms to the first note, jitter p99 under 1 ms).
 """
 
 from __future__ import annotations
 
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -22,7 +22,7 @@ import pytest
 from antiphon.daemon.rigs.jackprobe import Probe
 
 H = sys.modules["jackclient"]  # loaded by conftest.py
-WAIT_MS, ANSWER_MAX_S, PHRASE = H.WAIT_MS, H.ANSWER_MAX_S, H.PHRASE
+WAIT_MS, ANSWER_MAX_S, PHRASE, LATE_S = H.WAIT_MS, H.ANSWER_MAX_S, H.PHRASE, H.LATE_S
 start_jam, stop_jam, daemon_log, sounding = H.start_jam, H.stop_jam, H.daemon_log, H.sounding
 sleep_past_answer, first_note_on, wait_first_note = H.sleep_past_answer, H.first_note_on, H.wait_first_note
 
@@ -36,11 +36,12 @@ class Session:
 
     def __init__(self, record: Path) -> None:
         self.record = record  # --record: the journal says what the daemon sent (see H.assert_closed)
+        self.trace = record / "sent.trace"  # --trace: when each message was due and sent
 
     def get(self, jack, model) -> tuple[subprocess.Popen, Probe]:
         if self.generation != jack.restarts or self.proc is None or self.proc.poll() is not None:
             self.close()
-            self.proc = start_jam(jack, model, "antiphon", "--record", str(self.record))
+            self.proc = start_jam(jack, model, "antiphon", "--record", str(self.record), "--trace", str(self.trace))
             self.probe = Probe(jack, "probe")
             self.probe.connect("antiphon:in", "antiphon-out:out")
             self.generation = jack.restarts
@@ -63,14 +64,25 @@ def jam_shared(tmp_path_factory):
 
 @pytest.fixture()
 def jam_session(jack, jam_model, jam_shared):
-    return (*jam_shared.get(jack, jam_model), jam_shared.record)
+    return (*jam_shared.get(jack, jam_model), jam_shared)
 
 
-def test_answers_start_at_phrase_end_plus_wait_and_close_every_note(jam_session):
-    proc, probe, record = jam_session
+def sent_by(session: Session) -> list:
+    """The session's --trace, checked for sends on schedule: the daemon writes it out as it exits,
+    so the session ends here (the next test starts a fresh one)."""
+    proc = session.proc
+    session.close()
+    return H.assert_sent_on_time(session.trace, proc)
+
+
+def test_answers_come_after_the_wait_in_order_on_schedule_and_close_every_note(jam_session):
+    proc, probe, session = jam_session
+    record = session.record
     delays = []
+    t_first = None
     for _ in range(4):
         t_off = probe.play(PHRASE)[-1]
+        t_first = t_first or t_off
         sleep_past_answer(t_off)
         answer = probe.since(t_off)
         assert answer, f"no answer came; the daemon said:\n{daemon_log(proc)}"
@@ -78,12 +90,17 @@ def test_answers_start_at_phrase_end_plus_wait_and_close_every_note(jam_session)
         H.assert_closed(answer, record, proc)
         assert all(m[0] & 0x0F == 0 for _, m in answer)  # out channel 1
     shown = [f"{1000 * d:.2f} ms" for d in delays]
-    assert min(delays) >= 0.0 and statistics.median(delays) <= 0.005 and max(delays) <= 0.010, shown
+    print(f"first note after phrase end + wait: {shown}")
+    assert min(delays) >= 0.0, f"an answer began before the player's wait was over: {shown}"
+    assert max(delays) <= LATE_S, f"an answer began late: {shown}"
     assert proc.poll() is None
+    heard = probe.since(t_first)
+    H.assert_in_order(heard, sent_by(session))
 
 
-def test_barge_in_silences_the_answer_within_10_ms(jam_session):
-    proc, probe, record = jam_session
+def test_barge_in_silences_the_answer(jam_session):
+    proc, probe, session = jam_session
+    record = session.record
     t_off = probe.play(PHRASE)[-1]
     first = wait_first_note(probe, t_off, proc=proc)
     time.sleep(max(0.0, first + 0.3 - time.perf_counter()))  # well inside the >= 1.5 s answer
@@ -91,12 +108,13 @@ def test_barge_in_silences_the_answer_within_10_ms(jam_session):
     time.sleep(0.4)  # the key is held: no phrase end, no new answer
     t_release = probe.send([0x80, 48, 0])
     heard = probe.since(t_off)
-    by_10ms = [(t, m) for t, m in heard if t <= t_barge + 0.010]
-    after = [(t, m) for t, m in heard if t_barge + 0.010 < t < t_barge + 0.4]
-    H.assert_closed(by_10ms, record, proc, by=t_barge + 0.010)  # answer notes silenced within 10 ms
+    by_late = [(t, m) for t, m in heard if t <= t_barge + LATE_S]
+    after = [(t, m) for t, m in heard if t_barge + LATE_S < t < t_barge + 0.4]
+    H.assert_closed(by_late, record, proc, by=t_barge + LATE_S)  # answer notes silenced at once
     assert after == [], f"the answer went on after the barge-in: {after[:5]}"
     sleep_past_answer(t_release)  # the barge-in note was a call of its own: let its answer end
     H.assert_closed(probe.since(t_off), record, proc)
+    sent_by(session)
 
 
 def test_sigterm_mid_answer_leaves_no_note_sounding(jack, jam_model, tmp_path):
@@ -130,7 +148,7 @@ def test_jam_connects_to_existing_ports_by_name(jack, jam_model):
     try:
         t_off = probe.play(PHRASE)[-1]
         first = wait_first_note(probe, t_off, proc=proc)
-        assert abs(first - t_off - WAIT_MS / 1000) <= 0.005
+        assert 0.0 <= first - t_off - WAIT_MS / 1000 <= LATE_S, f"{1000 * (first - t_off):.1f} ms after the phrase end"
     finally:
         stop_jam(proc)
         probe.close()
