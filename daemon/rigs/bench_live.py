@@ -8,8 +8,12 @@
    the client's arrival time minus that due time, centred on its median, is the jitter. Run
    idle and with a CPU-busy pure-Python thread inside the daemon (the GIL case).
 3. Daemon start-up (process start → ports ready) and peak RSS.
+4. Idle cost: CPU share of one core of an `antiphon jam` waiting for a player (its status line on
+   a terminal, as a musician runs it) and, over the same seconds on the same server, of a bare
+   rtmidi JACK in/out pair that does nothing — the floor any JACK MIDI client pays for its
+   per-period process threads. Measured side by side, so other load on the machine cancels.
 
-`python -m antiphon.daemon.rigs.bench_live echo|busy ...` are the helper processes.
+`python -m antiphon.daemon.rigs.bench_live echo|busy|pair ...` are the helper processes.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from antiphon.daemon.rigs.jackserver import JackServer, orphan_safe
 
 WAIT_MS = 250
 TARGETS = {"added_p50_ms": 1.0, "added_p99_ms": 2.0, "jitter_p99_ms": 1.0, "jitter_max_ms": 3.0,
-           "rss_mb": 300.0, "startup_s": 2.0}
+           "rss_mb": 300.0, "startup_s": 2.0, "idle_added_pct": 0.5}
 
 
 def phrase(k: int) -> list[tuple[float, list[int]]]:
@@ -140,6 +144,50 @@ def jitter(server: JackServer, model: str, busy: bool, calls: int) -> dict[str, 
             "send_late_p99_ms": pct(send_late, 99), "send_late_max_ms": max(send_late, default=float("nan"))}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu(server: JackServer, model: str, seconds: float) -> dict[str, float]:
+    """% of one core used by an idle jam and by a bare rtmidi JACK in/out pair, side by side."""
+    import pty
+
+    leader, terminal = pty.openpty()  # the jam draws its status line, as on a musician's terminal
+    threading.Thread(target=_drain, args=(leader,), daemon=True).start()
+    jam = subprocess.Popen(orphan_safe([sys.executable, "-m", "antiphon.daemon", "jam", "--api", "jack", "--model",
+                                        model, "--client-name", "antiphon-idle"]),
+                           env=server.env, stdout=subprocess.DEVNULL, stderr=terminal)
+    pair = subprocess.Popen(orphan_safe([sys.executable, "-m", "antiphon.daemon.rigs.bench_live", "pair",
+                                         "--client-name", "bare"]), env=server.env)
+    try:
+        server.wait_ports("antiphon-idle:in", "antiphon-idle-out:out", "bare:in", "bare-out:out", timeout=60)
+        time.sleep(2.0)  # start-up work done
+        t0, jam0, pair0 = time.perf_counter(), cpu_seconds(jam.pid), cpu_seconds(pair.pid)
+        time.sleep(seconds)
+        dt = time.perf_counter() - t0
+        jam_pct = 100 * (cpu_seconds(jam.pid) - jam0) / dt
+        pair_pct = 100 * (cpu_seconds(pair.pid) - pair0) / dt
+    finally:
+        for proc in (jam, pair):
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        os.close(terminal)
+    return {"seconds": dt, "jam_pct": jam_pct, "pair_pct": pair_pct, "added_pct": jam_pct - pair_pct}
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 65536):
+            pass
+    except OSError:
+        return
+
+
 def run(model: str, quick: bool, log: Any) -> dict[str, Any]:
     calls = 30 if quick else 120
     res: dict[str, Any] = {"wait_ms": WAIT_MS, "calls": calls, "model": model, "targets": TARGETS}
@@ -168,6 +216,8 @@ def run(model: str, quick: bool, log: Any) -> dict[str, Any]:
         log("jitter: idle, then with a busy thread in the daemon")
         res["jitter_idle"] = jitter(server, model, False, 3 if quick else 8)
         res["jitter_busy"] = jitter(server, model, True, 3 if quick else 8)
+        log("idle cost: jam and a bare rtmidi pair side by side")
+        res["idle"] = idle_cpu(server, model, 10.0 if quick else 60.0)
         res["jack_restarts"] = server.restarts
     return res
 
@@ -189,6 +239,8 @@ def table(r: dict[str, Any]) -> str:
         (f"due → arrival median: idle {ji['delay_p50_ms']:.2f} ms, busy {jb['delay_p50_ms']:.2f} ms "
          f"({ji['messages']} + {jb['messages']} messages, lost {ji['lost']} + {jb['lost']})"),
         f"start-up {r['startup_s']:.2f} s (target 2), peak RSS {r['rss_mb']:.0f} MB (target 300)",
+        (f"idle, % of a core over {r['idle']['seconds']:.0f} s: jam {r['idle']['jam_pct']:.2f}, bare rtmidi JACK "
+         f"pair {r['idle']['pair_pct']:.2f}, added {r['idle']['added_pct']:+.2f} (target 0.5)"),
         (f"missing answers: echo {f['echo_missing']}, antiphon {f['antiphon_missing']}; "
          f"JACK restarts {r['jack_restarts']}")]
     return "\n".join(rows)
@@ -254,6 +306,27 @@ def echo_partner(client: str, wait_ms: int = WAIT_MS) -> None:
             port.delete()
 
 
+def bare_pair(client: str) -> None:
+    """The idle floor: an rtmidi JACK input (with a callback) and output, and nothing else."""
+    import signal
+
+    import rtmidi
+
+    inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=client)
+    inp.open_virtual_port("in")
+    inp.set_callback(lambda e, _d=None: None)
+    out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=f"{client}-out")
+    out.open_virtual_port("out")
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    while not stop:
+        signal.pause()  # no wake-up of ours until SIGTERM
+    inp.cancel_callback()
+    for port in (inp, out):
+        port.close_port()
+        port.delete()
+
+
 def busy_jam(argv: list[str]) -> int:
     """`antiphon jam` with a pure-Python thread spinning beside it (holds the GIL whenever it can)."""
     from antiphon.daemon import cli
@@ -273,6 +346,8 @@ if __name__ == "__main__":
         echo_partner(rest[rest.index("--client-name") + 1] if "--client-name" in rest else "echo")
     elif mode == "busy":
         sys.exit(busy_jam(rest))
+    elif mode == "pair":
+        bare_pair(rest[rest.index("--client-name") + 1] if "--client-name" in rest else "bare")
     else:  # "jam": the same daemon, launched the same way as "busy" for a fair comparison
         from antiphon.daemon import cli
 
