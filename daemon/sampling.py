@@ -20,6 +20,7 @@ from antiphon.daemon.memory import SessionMemory, mix_pitch
 KIND_STARTS = np.array([0, V.NOTE_ON, V.NOTE_OFF, V.TIME_SHIFT, V.VELOCITY, V.SUSTAIN_ON])
 KIND_ENDS = np.append(KIND_STARTS[1:], V.VOCAB_SIZE)
 NOTE_KINDS = [1, 4]  # NOTE_ON, and VELOCITY, which only ever precedes a NOTE_ON
+OFF_KIND = 2
 _VELOCITY_BINS = np.arange(V.VELOCITY_BINS, dtype=np.float64)
 
 
@@ -104,7 +105,13 @@ class Sampler:
         kinds = np.add.reduceat(p, KIND_STARTS)
         odds = self._note_odds()
         if odds != 1.0:
+            # The steer trades notes against time; releases keep the model's share. Boosting note-ons
+            # against note-offs too would postpone every release while an answer catches up with a
+            # busy call, and the held notes pile up into a drone.
+            off_share = kinds[OFF_KIND] / kinds.sum()
             kinds[NOTE_KINDS] *= odds
+            if off_share < 1.0:
+                kinds[OFF_KIND] = off_share / (1.0 - off_share) * (kinds.sum() - kinds[OFF_KIND])
         kind = self._draw(kinds)
         lo = int(KIND_STARTS[kind])
         if lo == V.VELOCITY and self.follow_dynamics > 0.0 and self.call_velocity >= 0:

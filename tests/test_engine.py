@@ -194,6 +194,21 @@ def test_follow_density_settles_between_the_models_rate_and_the_calls():
             Sampler(0, 1.0, 1.0, follow_density=bad)
 
 
+def test_follow_density_never_postpones_releases():
+    """Catching up with a busy call trades time for notes; the odds of a release stay the model's."""
+    logits = np.full(V.VOCAB_SIZE, -30.0)
+    logits[[V.note_on(60), V.note_off(60), V.time_shift(10)]] = 0.0
+    for w in (0.0, 0.75):
+        s = Sampler(4, 1.0, 1.0, follow_density=w)
+        s.begin(160, 8.0)  # 20 notes/s against the model's 10
+        drawn = [s.sample(logits) for _ in range(3000)]
+        offs = np.mean([t == V.note_off(60) for t in drawn])
+        assert abs(offs - 1 / 3) < 0.04, (w, offs)
+        ons = sum(t == V.note_on(60) for t in drawn)
+        if w:
+            assert ons > 1.3 * sum(t == V.time_shift(10) for t in drawn)  # the steer still works
+
+
 def test_follow_dynamics_moves_the_loudness_toward_the_calls_and_keeps_the_spread():
     """A model that plays around velocity bin 20 (MIDI ~82) with some spread, answering a soft call
     (MIDI 40, bin 10): w of the way there, the spread kept within 20 %."""
