@@ -16,7 +16,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from antiphon.daemon.config import DataConfig, JamConfig, ModelConfig, TrainConfig, TuneConfig, from_dict
+from antiphon.daemon.config import (
+    DataConfig,
+    DemoConfig,
+    JamConfig,
+    ModelConfig,
+    TrainConfig,
+    TuneConfig,
+    from_dict,
+)
 from antiphon.daemon.errors import UserError
 
 
@@ -75,6 +83,10 @@ def _ports(p: argparse.ArgumentParser) -> None:
 def _jam(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON config file with a 'JamConfig' section")
     add_config_args(p, JamConfig)
+
+
+def _demo(p: argparse.ArgumentParser) -> None:
+    add_config_args(p, DemoConfig)
 
 
 def _tokenize(p: argparse.ArgumentParser) -> None:
@@ -181,6 +193,8 @@ def _render(p: argparse.ArgumentParser) -> None:
 # name: (help, "module:function", add-arguments). The function takes the parsed args.
 COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
     "jam": ("listen on a MIDI port and answer the player", "antiphon.daemon.jam:main", _jam),
+    "demo": ("hear antiphon answer a bundled call: writes MIDI, a piano roll and a WAV", "antiphon.daemon.offline.demo:main",
+             _demo),
     "ports": ("list MIDI input and output ports", "antiphon.daemon.ports:main", _ports),
     "tokenize": ("encode a MIDI file to tokens (and back)", "antiphon.daemon.tokenize:main", _tokenize),
     "continue": ("continue a MIDI file offline", "antiphon.daemon.offline.continuation:main", _continue),

@@ -160,6 +160,17 @@ class JamConfig:
                         "(beats) it was placed at under MIDI clock, '-' in free time (for `antiphon bench --live`)")
 
 
+@dataclass(frozen=True)
+class DemoConfig:
+    """How `antiphon demo` plays its call into a real jam."""
+
+    out: str = _f("demo", "folder for demo.mid, demo.png and demo.wav", "-o")
+    api: str = _f("", "MIDI API (empty: a private JACK server when jackd is installed, else the running system)")
+    model: str = _f("", "ONNX model path (empty: the shipped default model)")
+    seed: int = _f(7, "the jam's sampling seed")
+    wait_ms: int = _f(400, "the jam's phrase-end wait in ms", "--wait")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

@@ -1,10 +1,11 @@
 """A test musician on a JACK server, for the end-to-end tests and `antiphon bench --live`.
 
 The probe plays into one port and records another. Its two rtmidi clients live in a child
-process (`python -m antiphon.daemon.rigs.jackprobe NAME`), driven over a pipe: libjack's client
+process (`python -m antiphon.daemon.rigs.jackprobe NAME [API]`), driven over a pipe: libjack's client
 teardown races with the client's own process thread (RtMidi's JACK input unregisters its port
 while that thread may still read it), and a segfault closing a probe once killed a whole test
-session. A child that crashes while closing harms nothing.
+session. A child that crashes while closing harms nothing. `antiphon demo` plays its keyboard
+through a probe too, on JACK or on another MIDI API (`api`).
 
 Times are time.perf_counter (CLOCK_MONOTONIC, one clock for every process on the machine, and
 the clock the daemon schedules on), taken in the child when a message is sent or arrives, so
@@ -32,7 +33,8 @@ REPLY_TIMEOUT_S = 30.0
 
 
 class Probe:
-    def __init__(self, server: Any, name: str = "probe") -> None:
+    def __init__(self, server: Any, name: str = "probe", api: str = "jack") -> None:
+        """`server`: what the ports live on: its `env` for the child, `wait_ports` and `connect`."""
         from antiphon.daemon.rigs.jackserver import orphan_safe
 
         self.server, self.name = server, name
@@ -40,7 +42,7 @@ class Probe:
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
         # stderr to a file: libjack can say a lot when a server restarts, and a full pipe would block.
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed with the probe
-        self.proc = subprocess.Popen(orphan_safe([sys.executable, "-m", "antiphon.daemon.rigs.jackprobe", name]),
+        self.proc = subprocess.Popen(orphan_safe([sys.executable, "-m", "antiphon.daemon.rigs.jackprobe", name, api]),
                                      env=server.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._log, text=True, bufsize=1)
         self._reader = threading.Thread(target=self._read, name=f"probe-{name}", daemon=True)
@@ -136,10 +138,13 @@ class Probe:
 
 # --------------------------------------------------------------------------- the child
 
-def _child(name: str) -> None:
+def _child(name: str, api_name: str = "jack") -> None:
     import rtmidi
 
     from antiphon.daemon.clock import MonotonicClock
+    from antiphon.daemon.ports import resolve_api
+
+    api = resolve_api(api_name)
 
     now, out_fd = time.perf_counter, sys.stdout.fileno()
 
@@ -151,13 +156,13 @@ def _child(name: str) -> None:
         emit(f"H {t:.7f} " + " ".join(map(str, event[0])))
 
     def open_hearing() -> Any:
-        inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=f"{name}-hear")
+        inp = rtmidi.MidiIn(api, name=f"{name}-hear")
         inp.ignore_types(sysex=True, timing=True, active_sense=True)
         inp.set_callback(on_message)
         inp.open_virtual_port("hear")
         return inp
 
-    out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=f"{name}-play")
+    out = rtmidi.MidiOut(api, name=f"{name}-play")
     out.open_virtual_port("play")
     inp = open_hearing()
     clock = MonotonicClock()
@@ -199,4 +204,4 @@ def _child(name: str) -> None:
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1])
+    _child(*sys.argv[1:3])

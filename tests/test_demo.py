@@ -1,0 +1,87 @@
+"""`antiphon demo` end to end: a private JACK server, the real jam on the shipped model, the
+bundled call played as a keyboard would (one phrase cutting in on an answer), and the three files
+it promises. About a minute."""
+
+from __future__ import annotations
+
+import re
+import struct
+import subprocess
+import sys
+import wave
+
+import mido
+import numpy as np
+import pytest
+
+from antiphon.daemon.errors import UserError
+from antiphon.daemon.offline import demo
+
+LATE_MS = 50  # at the probe, as for the JACK tests (tests/jackclient.py): only what is late fails
+
+
+def notes_on(track) -> list[tuple[float, int]]:
+    t, out = 0.0, []
+    for m in track:
+        t += m.time
+        if m.type == "note_on" and m.velocity > 0:
+            out.append((t, m.note))
+    return out
+
+
+def left_sounding(track) -> set[int]:
+    on: set[int] = set()
+    for m in track:
+        if m.type == "note_on" and m.velocity > 0:
+            on.add(m.note)
+        elif m.type in ("note_on", "note_off"):
+            on.discard(m.note)
+        elif m.type == "control_change" and m.control in (120, 123):
+            on.clear()
+    return on
+
+
+def test_demo_plays_the_call_into_a_real_jam_and_writes_midi_png_and_wav(jackd, fluidsynth, tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "antiphon", "demo", "-o", str(out)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = proc.stdout.splitlines()[0]
+    assert line.startswith("antiphon demo: you played 3 phrases of Satie's Gymnopédie No. 1 (54 notes)"), line
+    assert "the second cutting in on an answer (which stopped)" in line, line
+    answers, late = re.search(r"antiphon answered (\d) times .* its first note came ([\d.]+) ms after", line).groups()
+    assert answers == "3" and 0.0 <= float(late) <= LATE_MS, line
+
+    # The session as jam recorded it: the player's three phrases and antiphon's answers, in one file.
+    session = mido.MidiFile(str(out / "demo.mid"))
+    tracks = {t.name: t for t in session.tracks}
+    player, answer = notes_on(tracks["player"]), notes_on(tracks["antiphon"])
+    phrases = demo.load_phrases()
+    assert [p for _, p in player] == [m[1] for ph in phrases for _, m in ph if m[0] & 0xF0 == 0x90 and m[2] > 0]
+    assert len(answer) >= 3 and left_sounding(tracks["antiphon"]) == set()
+    # Barge-in: between the first note of phrase 2 (+ what was already on its way) and the end of
+    # that phrase, antiphon plays nothing; each phrase gets an answer after it.
+    n1, n2 = (sum(1 for _, m in ph if m[0] & 0xF0 == 0x90 and m[2] > 0) for ph in phrases[:2])
+    barge, end2 = player[n1][0], player[n1 + n2 - 1][0]
+    assert [t for t, _ in answer if player[0][0] < t < barge], "the first phrase was answered before the barge-in"
+    assert [t for t, _ in answer if barge + 0.05 < t <= end2] == [], "the answer played on over the player"
+    assert [t for t, _ in answer if t > player[-1][0]], "the last phrase got no answer"
+
+    with open(out / "demo.png", "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24]) == (1600, 600)
+    with wave.open(str(out / "demo.wav")) as w:
+        audio = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float64)
+        seconds = w.getnframes() / w.getframerate()
+    assert np.sqrt(np.mean(audio ** 2)) > 100 and seconds >= session.length
+
+
+def test_demo_without_a_midi_system_names_the_package(monkeypatch, tmp_path):
+    monkeypatch.setattr(demo.shutil, "which", lambda name: None)
+    monkeypatch.setattr(demo, "alsa_sequencer_present", lambda: False)
+    monkeypatch.setattr(demo.sys, "platform", "linux")
+    with pytest.raises(UserError, match=r"needs a MIDI system.*sudo apt-get install jackd2"):
+        demo.midi_system("")
+    with pytest.raises(UserError, match=r"--api jack needs .*jackd2"):
+        demo.midi_system("jack")
+    assert not list(tmp_path.iterdir())  # nothing half-written
