@@ -346,7 +346,7 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
 def summary(sessions: list[Session]) -> dict[str, Any]:
     answers = [a for s in sessions for a in s.answers if a.answered]
     on_beat = [a for a in answers if a.traced_beats is not None and a.source_beat is not None
-               and abs(a.traced_beats - round(a.traced_beats)) < 0.02 and abs(a.source_beat - round(a.traced_beats)) < 0.05]
+               and abs(a.traced_beats - round(a.traced_beats)) < 0.02 and abs(a.source_beat - round(a.traced_beats)) < 0.03]
     heard = sorted(abs(a.heard_ms) for a in answers if a.heard_ms is not None)
     sent = sorted(abs(a.sent_ms) for a in answers if a.sent_ms is not None)
 
@@ -389,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps([a.__dict__ for a in s.answers]), flush=True)
             if not s.all_answered:
-                print("  its log: " + " | ".join(s.log.strip().splitlines()[-6:]), flush=True)
+                print(f"  transport heard {s.transport!r}; source runs (first, last tick, t0, period) {s.source.runs}",
+                      flush=True)
+                print("  its log: " + " | ".join(s.log.strip().splitlines()[-12:]), flush=True)
         stalls = jack._stalls()
     result = summary(sessions)
     result["jackd_xrun_reports"] = stalls
