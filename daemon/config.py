@@ -101,11 +101,13 @@ class TuneConfig:
                              "share of the steps")
     holdout: float = _f(0.1, "share of your playing time held out to measure before/after, newest recordings "
                              "first, whole recordings only (at least one)")
-    lr: float = _f(3e-4, "peak learning rate (cosine decay to a tenth of it)")
+    lr: float = _f(1e-3, "peak learning rate, cosine decay to a tenth of it (3e-3 unlearnt the shipped model's "
+                         "knowledge faster than it learnt the player; see docs/tune.md)")
     warmup_steps: int = _f(10, "linear warm-up steps")
     seq_len: int = _f(512, "training window length in tokens")
     batch_size: int = _f(8, "windows per step")
-    dropout: float = _f(0.1, "dropout while fine-tuning (a player's recordings are few; the export has none)")
+    dropout: float = _f(0.0, "dropout while fine-tuning; the shipped model was trained without, and switching it "
+                             "on perturbs every step of a short fine-tune (the export has none)")
     phrases: int = _f(32, "held-out 8 s calls answered before and after for the musical metrics (0: skip)")
     threads: int = _f(2, "torch CPU threads (0: torch default)")
     seed: int = _f(1, "seed for the windows, dropout and the answers sampled for the metrics")
@@ -129,6 +131,8 @@ class JamConfig:
                                      "(geometric; 0: the model's own)")
     follow_dynamics: float = _f(0.75, "0-1: how far the answer's loudness moves from the model's toward the "
                                       "call's mean velocity (0: the model's own)")
+    follow_articulation: float = _f(1.0, "0-1: keys held longer than the call's long notes (its 90th "
+                                          "percentile) grow ever more likely to be released (0: the model's own odds)")
     memory: float = _f(1.0, "0-1: how much the answer draws on what you played this session (the session "
                             "memory's proposals mixed into the pitch choice; 1: as fitted, 0: off)")
     wait_ms: int = _f(400, "ms of silence, no key down, after the player's last event that end a phrase", "--wait")

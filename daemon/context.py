@@ -16,6 +16,7 @@ tests drive it with a fake engine and chosen timestamps.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ from antiphon.daemon.answer import (
     same_time,
 )
 from antiphon.daemon.config import JamConfig
+from antiphon.daemon.sampling import long_note_s
 from antiphon.daemon.scheduler import Item
 
 
@@ -61,6 +63,8 @@ class Conversation:
         self.phrase_start: float | None = None
         self.call_notes = 0  # note-ons since phrase_start: the answer's note rate follows the call's
         self.call_loudness = 0  # their velocities summed: the answer's dynamics follow the call's
+        self.key_down_at: dict[int, float] = {}  # when each held key was struck
+        self.call_holds: deque[float] = deque(maxlen=64)  # recent key-down lengths: the answer's articulation
         self.last_event = 0.0
         self.answer: Answer | None = None
         self.awaiting: int | None = None  # gen whose `heard` reply we wait for
@@ -118,12 +122,16 @@ class Conversation:
         status, d1, d2 = (msg[0] & 0xF0, msg[1], msg[2]) if len(msg) >= 3 else (0, 0, 0)
         if status == codec.NOTE_ON_STATUS and d2 > 0:
             self.keys_down.add(d1)
+            self.key_down_at[d1] = t
             if self.phrase_start is None:
                 self.phrase_start, self.call_notes, self.call_loudness = t, 0, 0
             self.call_notes += 1
             self.call_loudness += d2
         elif status in (codec.NOTE_OFF_STATUS, codec.NOTE_ON_STATUS):
             self.keys_down.discard(d1)
+            struck = self.key_down_at.pop(d1, None)
+            if struck is not None:
+                self.call_holds.append(t - struck)
         elif status == codec.CC_STATUS and d1 in (codec.CC_ALL_NOTES_OFF, codec.CC_ALL_SOUND_OFF):
             self.keys_down.clear()
         if not tokens:  # e.g. the release of a key pressed before antiphon started
@@ -256,7 +264,8 @@ class Conversation:
         self.spec_logits = np.array(logits, dtype=np.float32)
         memory = getattr(self.sampler, "memory", None)
         self.answer.memory_mark = memory.mark() if memory is not None else ()
-        self.sampler.begin(self.call_notes, call_s, self.call_loudness / max(self.call_notes, 1))
+        self.sampler.begin(self.call_notes, call_s, self.call_loudness / max(self.call_notes, 1),
+                           long_note_s(self.call_holds))
 
     def wants_work(self) -> bool:
         return self.answer is not None and not self.answer.done and self.awaiting is None
@@ -273,7 +282,7 @@ class Conversation:
             return
         mask = self.grammar_mask(dec, self._mask)
         mask &= OPENING_MASK if a.notes == 0 else ANSWER_MASK  # the answer's length is ours to decide: no EOS
-        tok = int(self.sampler.sample(self.spec_logits, mask))
+        tok = int(self.sampler.sample(self.spec_logits, mask, dec))
         if V.TIME_SHIFT <= tok < V.VELOCITY:
             left = round(a.seconds / V.STEP_S) - dec.step
             if left <= 0:

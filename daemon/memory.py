@@ -29,23 +29,38 @@ MAX_ORDER = 6
 WEIGHT = 0.5  # mixing weight of the memory at a long match, before the player's --memory scale
 HALF_ORDER = 2.0  # the match length at which the weight is half of WEIGHT
 MAX_CONTEXTS = 32768
+VIEWPOINT = "interval"
 
 
 class SessionMemory:
-    """Learns note-on pitches with `hear`; proposes the next pitch with `propose`."""
+    """Learns note-ons with `hear`; proposes the next pitch with `propose`.
+
+    `viewpoint`: "interval" models the steps between successive note-ons, so a motif the player
+    moved to another pitch is the same motif, and an answer may take it up in another key (a
+    variation, where exact pitches would invite a copy); "pitch" models the pitches themselves."""
 
     def __init__(self, max_order: int = MAX_ORDER, weight: float = WEIGHT, half_order: float = HALF_ORDER,
-                 max_contexts: int = MAX_CONTEXTS):
+                 max_contexts: int = MAX_CONTEXTS, viewpoint: str = VIEWPOINT):
+        if viewpoint not in ("interval", "pitch"):
+            raise ValueError(f"viewpoint must be 'interval' or 'pitch', got {viewpoint!r}")
         self.max_order, self.weight, self.half_order = max_order, weight, half_order
-        self.max_contexts = max_contexts
+        self.max_contexts, self.intervals = max_contexts, viewpoint == "interval"
         self.tables: list[dict[tuple[int, ...], dict[int, int]]] = [{} for _ in range(max_order + 1)]
         self.recent: deque[int] = deque(maxlen=max_order)
+        self.last = -1  # the last note-on's pitch
         self.heard = 0
         self._p = np.zeros(V.N_PITCH)
+        self._sym = np.zeros(2 * V.N_PITCH - 1 if self.intervals else V.N_PITCH)
 
     def hear(self, pitch: int, learn: bool = True) -> None:
         """A note-on at `pitch`; `learn=False` for antiphon's own notes: they shape the context
         that is looked up but are never learned as the player's material."""
+        if self.intervals:
+            sym, self.last = (pitch - self.last if self.last >= 0 else None), pitch
+            if sym is None:
+                return
+        else:
+            sym = pitch
         if learn:
             ctx = tuple(self.recent)
             for k in range(len(ctx) + 1):
@@ -56,9 +71,9 @@ class SessionMemory:
                     if len(table) >= self.max_contexts:
                         del table[next(iter(table))]  # the oldest context
                     succ = table[key] = {}
-                succ[pitch] = succ.get(pitch, 0) + 1
+                succ[sym] = succ.get(sym, 0) + 1
             self.heard += 1
-        self.recent.append(pitch)
+        self.recent.append(sym)
 
     def hear_tokens(self, tokens, learn: bool = True) -> None:
         for t in tokens:
@@ -66,33 +81,54 @@ class SessionMemory:
                 self.hear(t - V.NOTE_ON, learn)
 
     def mark(self) -> tuple[int, ...]:
-        """The lookup context, to put back when generated notes are taken back (`restore`)."""
-        return tuple(self.recent)
+        """The lookup state, to put back when generated notes are taken back (`restore`)."""
+        return (self.last, *self.recent)
 
     def restore(self, mark: tuple[int, ...]) -> None:
+        self.last = mark[0] if mark else -1
         self.recent.clear()
-        self.recent.extend(mark)
+        self.recent.extend(mark[1:])
+
+    def match(self) -> int:
+        """Length of the longest context seen before that ends now (-1: none, not even order 0)."""
+        ctx = tuple(self.recent)
+        order = -1
+        for k in range(len(ctx) + 1):
+            if ctx[len(ctx) - k:] not in self.tables[k]:
+                break
+            order = k
+        return order
 
     def propose(self) -> tuple[float, np.ndarray | None]:
         """(weight, distribution over pitches), or (0, None) when nothing matches.
 
-        Witten-Bell blending from the session's pitch frequencies up to the longest matching
+        Witten-Bell blending from the session's symbol frequencies up to the longest matching
         context; the weight grows with that context's length."""
+        if self.intervals and self.last < 0:
+            return 0.0, None
         ctx = tuple(self.recent)
-        p = self._p
-        p.fill(1.0 / V.N_PITCH)
+        q = self._sym
+        q.fill(1.0 / q.size)
+        shift = V.N_PITCH - 1 if self.intervals else 0  # interval i sits at index i + 127
         order = -1
         for k in range(len(ctx) + 1):
             succ = self.tables[k].get(ctx[len(ctx) - k:])
             if succ is None:
                 break
             n, u = sum(succ.values()), len(succ)
-            p *= u / (n + u)
-            for pitch, c in succ.items():
-                p[pitch] += c / (n + u)
+            q *= u / (n + u)
+            for sym, c in succ.items():
+                q[sym + shift] += c / (n + u)
             order = k
         if order < 1 or self.weight <= 0.0:
             return 0.0, None
+        p = self._p
+        if self.intervals:  # pitch = last + interval, for the intervals that stay on the keyboard
+            lo = shift - self.last
+            p[:] = q[lo:lo + V.N_PITCH]
+            p /= p.sum()
+        else:
+            p[:] = q
         return self.weight * order / (order + self.half_order), p
 
 

@@ -45,7 +45,8 @@ class Sampler:
     """
 
     def __init__(self, seed: int | None, temperature: float, top_p: float, follow_density: float = 0.0,
-                 memory: SessionMemory | None = None, memory_scale: float = 1.0, follow_dynamics: float = 0.0):
+                 memory: SessionMemory | None = None, memory_scale: float = 1.0, follow_dynamics: float = 0.0,
+                 follow_articulation: float = 0.0):
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if not 0.0 <= follow_density <= 1.0:
@@ -62,14 +63,21 @@ class Sampler:
             raise ValueError(f"follow_dynamics must be in [0, 1], got {follow_dynamics}")
         self.follow_dynamics = float(follow_dynamics)
         self.call_velocity = -1.0  # the call's mean velocity bin; < 0: no steer
+        if not 0.0 <= follow_articulation <= 1.0:
+            raise ValueError(f"follow_articulation must be in [0, 1], got {follow_articulation}")
+        self.release_gain = 3.0 * float(follow_articulation)
+        self.hold_steps = 0.0  # the call's long-note length in steps; 0: no steer
+        self._age = np.zeros(V.N_PITCH)
         # The session memory proposes pitches; memory_scale (the player's --memory, 0: off) scales its weight.
         self.memory, self.memory_scale = memory, float(memory_scale)
 
-    def begin(self, call_notes: int, call_s: float, call_velocity: float = -1.0) -> None:
+    def begin(self, call_notes: int, call_s: float, call_velocity: float = -1.0, call_hold_s: float = -1.0) -> None:
         """A new answer to a call of `call_notes` notes over `call_s` seconds (a call shorter than
         1 s counts as 1 s: three grace notes are not a rate of ten per second), played at a mean
-        MIDI velocity of `call_velocity` (< 0: unknown, no dynamics steer)."""
+        MIDI velocity of `call_velocity` (< 0: unknown, no dynamics steer), whose long notes (the
+        90th percentile of its key-down lengths) last `call_hold_s` (< 0: unknown, no release steer)."""
         self.rate = call_notes / max(call_s, 1.0)
+        self.hold_steps = max(call_hold_s, 0.1) / V.STEP_S if call_hold_s > 0 else 0.0
         self.call_velocity = V.velocity_bin(round(call_velocity)) if call_velocity > 0 else -1.0
         self.notes = self.steps = 0
 
@@ -92,7 +100,21 @@ class Sampler:
         c = np.cumsum(weights)
         return min(int(np.searchsorted(c, self.rng.random() * c[-1], side="right")), len(c) - 1)
 
-    def sample(self, logits: np.ndarray, mask: np.ndarray | None = None) -> int:
+    def _overdue(self, decoder: codec.TokenDecoder | None) -> np.ndarray | None:
+        """How far past the call's long-note length each sounding key is (0 for the others)."""
+        if decoder is None or self.release_gain <= 0.0 or self.hold_steps <= 0.0:
+            return None
+        onset = np.fromiter(decoder.onset, dtype=np.float64, count=V.N_PITCH)
+        age = self._age
+        np.subtract(decoder.step, onset, out=age)
+        age[onset < 0] = 0.0
+        over = np.maximum(age / self.hold_steps - 1.0, 0.0)
+        return over if over.any() else None
+
+    def sample(self, logits: np.ndarray, mask: np.ndarray | None = None,
+               decoder: codec.TokenDecoder | None = None) -> int:
+        """`decoder`: the answer's, whose ledger tells how long each key has been held (for the
+        release steer); None: no release steer."""
         x = np.array(logits, dtype=np.float64)  # a copy: the engine reuses its logits buffer
         if mask is not None:
             x[~mask] = -np.inf
@@ -112,8 +134,22 @@ class Sampler:
             kinds[NOTE_KINDS] *= odds
             if off_share < 1.0:
                 kinds[OFF_KIND] = off_share / (1.0 - off_share) * (kinds.sum() - kinds[OFF_KIND])
+        overdue = self._overdue(decoder)
+        if overdue is not None:
+            # A pianist lets go: past the call's own long-note length, the odds of not releasing any
+            # key shrink the longer keys are overdue (the model, left alone, lets held notes pile up
+            # into a drone; a note it has lost track of would otherwise sound until the cap).
+            total = kinds.sum()
+            stay = (total - kinds[OFF_KIND]) * math.exp(-0.5 * self.release_gain * float(overdue.sum()))
+            kinds *= stay / max(total - kinds[OFF_KIND], 1e-300)
+            kinds[OFF_KIND] = total - stay
         kind = self._draw(kinds)
         lo = int(KIND_STARTS[kind])
+        if lo == V.NOTE_OFF and overdue is not None:
+            # Prefer releasing the keys that are overdue, in proportion to how overdue.
+            off = p[V.NOTE_OFF:V.TIME_SHIFT]
+            w = off * np.exp(np.minimum(self.release_gain * overdue, 6.0)) + overdue * off.sum()
+            return self._count(lo + self._draw(w))
         if lo == V.VELOCITY and self.follow_dynamics > 0.0 and self.call_velocity >= 0:
             return self._count(lo + self._draw(self._dynamics(p[lo:int(KIND_ENDS[kind])])))
         if lo != V.NOTE_ON:
@@ -171,13 +207,19 @@ class Sampler:
         return self._draw(q)
 
 
+def long_note_s(holds) -> float:
+    """The player's long-note length: the 90th percentile of their recent key-down lengths (-1: none yet)."""
+    return float(np.percentile(holds, 90)) if len(holds) >= 4 else -1.0
+
+
 def jam_sampler(seed: int | None, temperature: float, top_p: float, follow_density: float,
-                memory: float, follow_dynamics: float = 0.0) -> Sampler:
+                memory: float, follow_dynamics: float = 0.0, follow_articulation: float = 0.0) -> Sampler:
     """The jam's sampler, as jam, continue and eval all use it. The session memory always learns
     (a live control may turn it up later); `memory` scales how much it is heard, 0: not at all."""
     if not 0.0 <= memory <= 1.0:
         raise ValueError(f"memory must be in [0, 1], got {memory}")
-    return Sampler(seed, temperature, top_p, follow_density, SessionMemory(), memory, follow_dynamics)
+    return Sampler(seed, temperature, top_p, follow_density, SessionMemory(), memory, follow_dynamics,
+                   follow_articulation)
 
 
 _BASE = np.ones(V.VOCAB_SIZE, dtype=bool)

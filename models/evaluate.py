@@ -24,7 +24,7 @@ import numpy as np
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
 from antiphon.daemon.errors import UserError
-from antiphon.daemon.sampling import Sampler, grammar_mask, jam_sampler
+from antiphon.daemon.sampling import Sampler, grammar_mask, jam_sampler, long_note_s
 from antiphon.models import metrics as M
 from antiphon.models import session_eval as SE
 from antiphon.models.markov import MarkovModel, baseline_for
@@ -117,7 +117,7 @@ def generate(next_logits: Callable[[list[int]], np.ndarray], prompt: list[int], 
     target, steps, out = round(seconds / V.STEP_S), 0, []
     mask = np.empty(V.VOCAB_SIZE, dtype=bool)
     while steps < target and len(out) < MAX_RESPONSE_TOKENS:
-        tok = sampler.sample(next_logits(out), grammar_mask(decoder, mask))
+        tok = sampler.sample(next_logits(out), grammar_mask(decoder, mask), decoder)
         if tok == V.EOS:
             break
         out.append(tok)
@@ -186,18 +186,22 @@ def phrase_names(names: Sequence[str], docs: list[list[int]], n: int) -> list[tu
 def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, seed: int,
                     temperature: float = 1.0, top_p: float = 0.95, follow_density: float = 0.0,
                     memory: float = 0.0, follow_dynamics: float = 0.0, rolls: str = "", names: Sequence[str] = (),
+                    follow_articulation: float = 0.0,
                     ) -> dict:
     """`rolls`: a folder to draw the first ROLLS calls' piano rolls into (call, answer, truth)."""
     rows: dict[str, list] = {"model": [], "baseline": [], "truth": []}
     pairs = phrases(docs, n)
     for i, (before, call, truth) in enumerate(pairs):
         prompt = [V.BOS] + call
-        samplers = [jam_sampler(seed + i, temperature, top_p, follow_density, memory, follow_dynamics),
-                    Sampler(seed + i, temperature, top_p, follow_density, follow_dynamics=follow_dynamics)]
+        samplers = [jam_sampler(seed + i, temperature, top_p, follow_density, memory, follow_dynamics,
+                                follow_articulation),
+                    Sampler(seed + i, temperature, top_p, follow_density, follow_dynamics=follow_dynamics,
+                            follow_articulation=follow_articulation)]
         samplers[0].memory.hear_tokens(before + call)  # the session so far, as jam's memory has heard it
         call_notes = M.notes_of(call)
         for s in samplers:
-            s.begin(len(call_notes), CALL_S, float(np.mean([n.velocity for n in call_notes])))
+            s.begin(len(call_notes), CALL_S, float(np.mean([n.velocity for n in call_notes])),
+                    long_note_s([n.end - n.start for n in call_notes]))
         model_out = generate(lm_sampler(lm, prompt), prompt, RESPONSE_S, samplers[0])
         base_out = generate(markov_sampler(baseline, prompt), prompt, RESPONSE_S, samplers[1])
         for name, resp in (("model", model_out), ("baseline", base_out), ("truth", truth)):
@@ -272,17 +276,19 @@ def main(args) -> int:
         fitted = SE.fit(streamed)
         result["session"] = {"nll_without_memory": SE.nll(streamed),
                              "nll_with_memory": SE.nll(streamed, *SE.shipped_constants()),
-                             "memory_constants": dict(zip(("max_order", "weight", "half_order"),
+                             "memory_constants": dict(zip(("variant", "weight", "half_order"),
                                                           SE.shipped_constants())),
                              "best_constants_on_this_set": fitted}
     if args.phrases > 0:
         log(f"generating responses to up to {args.phrases} phrases")
         result["sampling"] = {"temperature": args.temperature, "top_p": args.top_p,
                               "follow_density": args.follow_density, "follow_dynamics": args.follow_dynamics,
+                              "follow_articulation": args.follow_articulation,
                               "memory": args.memory}
         result["metrics"] = musical_metrics(lm, baseline, docs, args.phrases, args.seed, args.temperature, args.top_p,
                                              args.follow_density, args.memory, args.follow_dynamics, args.rolls,
-                                             [f"{n}, from {t} s" for n, t in phrase_names(names, docs, args.phrases)])
+                                             [f"{n}, from {t} s" for n, t in phrase_names(names, docs, args.phrases)],
+                                             args.follow_articulation)
     if args.json:
         print(json.dumps(_finite(result), indent=2))
         return 0

@@ -19,7 +19,7 @@ from antiphon.daemon import memory as MEM
 from antiphon.daemon import vocab as V
 from antiphon.daemon.memory import SessionMemory
 
-ORDERS = (2, 4, 6, 8)
+VARIANTS = tuple((v, k) for v in ("interval", "pitch") for k in (2, 4, 6, 8))
 WEIGHTS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 HALF_ORDERS = (0.5, 1.0, 2.0, 4.0)
 
@@ -30,12 +30,12 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - math.log(np.exp(x).sum())
 
 
-def stream(lm, docs: Sequence[Sequence[int]], orders: Sequence[int] = ORDERS) -> dict[str, np.ndarray]:
-    """Per scored token: model log p; per note-on: log P(kind), log p(pitch | on), and per order
-    the memory's match length and proposed p(pitch) (NaN rows where nothing matched)."""
+def stream(lm, docs: Sequence[Sequence[int]], variants: Sequence[tuple[str, int]] = VARIANTS) -> dict[str, np.ndarray]:
+    """Per scored token: model log p; per note-on: log P(kind), log p(pitch | on), and per memory
+    variant (viewpoint, max order) its match length and proposed p(pitch) (NaN where none)."""
     logp_all, on_kind, on_pitch, match, mem_p = [], [], [], [], []
     for doc in docs:
-        memories = [SessionMemory(max_order=k, weight=1.0, half_order=0.0) for k in orders]
+        memories = [SessionMemory(max_order=k, weight=1.0, half_order=0.0, viewpoint=v) for v, k in variants]
         lm.reset()
         logits = lm.prefill([doc[0]])
         window = [doc[0]]
@@ -50,8 +50,7 @@ def stream(lm, docs: Sequence[Sequence[int]], orders: Sequence[int] = ORDERS) ->
                 row_k, row_p = [], []
                 for m in memories:
                     _, proposal = m.propose()
-                    order = _match(m)
-                    row_k.append(order)
+                    row_k.append(m.match())
                     row_p.append(proposal[tok - V.NOTE_ON] if proposal is not None else np.nan)
                     m.hear(tok - V.NOTE_ON)
                 match.append(row_k)
@@ -62,28 +61,19 @@ def stream(lm, docs: Sequence[Sequence[int]], orders: Sequence[int] = ORDERS) ->
                 lm.prefill(window)
             logits = lm.decode(tok)
             window.append(tok)
+    n = len(variants)
     return {"logp": np.array(logp_all), "on_kind": np.array(on_kind), "on_pitch": np.array(on_pitch),
-            "match": np.array(match, dtype=float).reshape(-1, len(orders)),
-            "mem_p": np.array(mem_p, dtype=float).reshape(-1, len(orders)), "orders": np.array(orders)}
+            "match": np.array(match, dtype=float).reshape(-1, n), "mem_p": np.array(mem_p, dtype=float).reshape(-1, n),
+            "variants": list(variants)}
 
 
-def _match(m: SessionMemory) -> int:
-    """Length of the longest context the memory has seen (what propose() weighted by)."""
-    ctx = tuple(m.recent)
-    order = -1
-    for k in range(len(ctx) + 1):
-        if ctx[len(ctx) - k:] not in m.tables[k]:
-            break
-        order = k
-    return order
-
-
-def nll(s: dict[str, np.ndarray], order: int | None = None, weight: float = 0.0, half_order: float = 1.0) -> float:
-    """Mean nats/token with the memory of `order` mixed in (None or weight 0: the model alone)."""
+def nll(s: dict[str, np.ndarray], variant: tuple[str, int] | None = None, weight: float = 0.0,
+        half_order: float = 1.0) -> float:
+    """Mean nats/token with the memory `variant` mixed in (None or weight 0: the model alone)."""
     total = -s["logp"].sum()
-    if order is None or weight <= 0.0 or s["on_kind"].size == 0:
+    if variant is None or weight <= 0.0 or s["on_kind"].size == 0:
         return float(total / s["logp"].size)
-    j = int(np.flatnonzero(s["orders"] == order)[0])
+    j = s["variants"].index(tuple(variant))
     k, p = s["match"][:, j], s["mem_p"][:, j]
     use = (k >= 1) & np.isfinite(p)
     kk = np.maximum(k, 0.0)
@@ -93,12 +83,18 @@ def nll(s: dict[str, np.ndarray], order: int | None = None, weight: float = 0.0,
     return float((total + delta) / s["logp"].size)
 
 
-def shipped_constants() -> tuple[int, float, float]:
-    return MEM.MAX_ORDER, MEM.WEIGHT, MEM.HALF_ORDER
+def shipped_constants() -> tuple[tuple[str, int], float, float]:
+    return (MEM.VIEWPOINT, MEM.MAX_ORDER), MEM.WEIGHT, MEM.HALF_ORDER
 
 
-def fit(s: dict[str, np.ndarray]) -> dict[str, float]:
-    """The (order, weight, half_order) with the lowest streamed NLL on this set."""
-    best = min(itertools.product(s["orders"].tolist(), WEIGHTS, HALF_ORDERS), key=lambda c: nll(s, *c))
-    return {"max_order": int(best[0]), "weight": best[1], "half_order": best[2], "nll": nll(s, *best),
-            "nll_without": nll(s)}
+def fit(s: dict[str, np.ndarray]) -> dict:
+    """The memory variant and mixing constants with the lowest streamed NLL on this set, and the
+    best of each variant (to compare viewpoints and orders)."""
+    per_variant = {}
+    for v in s["variants"]:
+        w, h = min(itertools.product(WEIGHTS, HALF_ORDERS), key=lambda c: nll(s, v, *c))
+        per_variant[f"{v[0]}/{v[1]}"] = {"weight": w, "half_order": h, "nll": nll(s, v, w, h)}
+    name, best = min(per_variant.items(), key=lambda kv: kv[1]["nll"])
+    viewpoint, order = name.split("/")
+    return {"viewpoint": viewpoint, "max_order": int(order), "weight": best["weight"],
+            "half_order": best["half_order"], "nll": best["nll"], "nll_without": nll(s), "variants": per_variant}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,33 @@ def test_follow_density_never_postpones_releases():
         ons = sum(t == V.note_on(60) for t in drawn)
         if w:
             assert ons > 1.3 * sum(t == V.time_shift(10) for t in drawn)  # the steer still works
+
+
+def test_follow_articulation_lets_go_of_keys_held_past_the_calls_long_notes():
+    """A model that would hold a key forever (its release odds 1e-6 of a time step's): with the
+    steer, the key is let go soon after the call's long-note length; without it, never."""
+    logits = np.full(V.VOCAB_SIZE, -30.0)
+    logits[V.time_shift(1)] = 0.0
+    logits[V.note_off(60)] = np.log(1e-6)
+
+    def held_for(w: float, seed: int) -> float:
+        s = Sampler(seed, 1.0, 1.0, follow_articulation=w)
+        s.begin(8, 8.0, 64.0, 0.5)  # the call's long notes last 0.5 s
+        dec = codec.TokenDecoder(max_note_s=60.0)
+        dec.feed(V.note_on(60))
+        mask = np.ones(V.VOCAB_SIZE, bool)
+        while dec.step < 800:
+            tok = s.sample(logits, grammar_mask(dec, mask), dec)
+            dec.feed(tok)
+            if tok == V.note_off(60):
+                return dec.time
+        return math.inf
+
+    steered = [held_for(1.0, i) for i in range(30)]
+    assert all(0.5 <= t < 0.9 for t in steered), steered
+    assert held_for(0.0, 0) == math.inf
+    with pytest.raises(ValueError):
+        Sampler(0, 1.0, 1.0, follow_articulation=2.0)
 
 
 def test_follow_dynamics_moves_the_loudness_toward_the_calls_and_keeps_the_spread():

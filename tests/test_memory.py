@@ -22,9 +22,22 @@ def test_proposes_what_followed_the_longest_matching_context():
     assert p is not None and p.sum() == pytest.approx(1.0)
     assert int(np.argmax(p)) == 72 and p[72] > 0.8
     assert weight == pytest.approx(m.weight * 4 / (4 + m.half_order))  # the longest order matched
-    assert m.heard == len(MOTIF) * 3
+    assert m.heard == len(MOTIF) * 3 - 1  # intervals: the first note only sets where they start
     fresh = SessionMemory()
     assert fresh.propose() == (0.0, None)
+    # The interval viewpoint hears the motif moved up a fifth as the same motif.
+    moved = SessionMemory(max_order=4)
+    for p in MOTIF * 3:
+        moved.hear(p)
+    for p in MOTIF[:3]:
+        moved.hear(p + 7, learn=False)
+    assert int(np.argmax(moved.propose()[1])) == 72 + 7
+    exact = SessionMemory(max_order=4, viewpoint="pitch")
+    for p in MOTIF * 3:
+        exact.hear(p)
+    for p in MOTIF[:3]:
+        exact.hear(p + 7, learn=False)
+    assert exact.propose() == (0.0, None)  # those pitches never followed each other
 
 
 def test_mark_restore_takes_generated_notes_back():

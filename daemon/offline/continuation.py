@@ -21,7 +21,7 @@ from antiphon.daemon.answer import answer_decoder
 from antiphon.daemon.engine import Engine
 from antiphon.daemon.errors import UserError
 from antiphon.daemon.offline.render import ANSWER_TRACK
-from antiphon.daemon.sampling import Sampler, grammar_mask, jam_sampler
+from antiphon.daemon.sampling import Sampler, grammar_mask, jam_sampler, long_note_s
 
 DEFAULT_SECONDS = 8.0
 CALL_S = 8.0
@@ -44,7 +44,7 @@ def continue_tokens(engine: Engine, context: list[int], seconds: float, sampler:
     mask = np.ones(V.VOCAB_SIZE, dtype=bool)
     messages: list[codec.TimedMessage] = []
     for _ in range(max_tokens):
-        token = sampler.sample(logits, grammar_mask(decoder, mask))
+        token = sampler.sample(logits, grammar_mask(decoder, mask), decoder)
         if V.TIME_SHIFT <= token < V.VELOCITY and decoder.time + (token - V.TIME_SHIFT + 1) * V.STEP_S > seconds:
             break
         decoder.feed(token, messages)
@@ -63,7 +63,7 @@ def _bar_seconds(score) -> float:
 
 def continue_file(in_path: str, out_path: str, seconds: float | None, bars: float | None, seed: int,
                   temperature: float, top_p: float, model: str = "", follow_density: float = 0.0,
-                  memory: float = 0.0, follow_dynamics: float = 0.0) -> dict:
+                  memory: float = 0.0, follow_dynamics: float = 0.0, follow_articulation: float = 0.0) -> dict:
     import symusic
 
     perf = codec.load_midi(in_path)
@@ -76,12 +76,13 @@ def continue_file(in_path: str, out_path: str, seconds: float | None, bars: floa
         raise UserError("the continuation length must be positive")
 
     engine = Engine(model or None, threads=1)
-    sampler = jam_sampler(None if seed < 0 else seed, temperature, top_p, follow_density, memory, follow_dynamics)
+    sampler = jam_sampler(None if seed < 0 else seed, temperature, top_p, follow_density, memory, follow_dynamics,
+                          follow_articulation)
     # The call is the input's last CALL_S seconds: the rate of what was just played, not of the piece.
     last = max(n.start for n in perf.notes)
     recent = [n for n in perf.notes if n.start > last - CALL_S]
     sampler.begin(len(recent), min(CALL_S, last - min(n.start for n in perf.notes)),
-                  sum(n.velocity for n in recent) / max(len(recent), 1))
+                  sum(n.velocity for n in recent) / max(len(recent), 1), long_note_s([n.end - n.start for n in recent]))
     context = codec.encode_performance(perf)
     answer = continue_tokens(engine, context, length, sampler)
 
@@ -118,7 +119,7 @@ def continue_file(in_path: str, out_path: str, seconds: float | None, bars: floa
 def main(args) -> int:
     stats = continue_file(args.input, args.output, args.seconds, args.bars, args.seed, args.temperature,
                           args.top_p, args.model, args.follow_density, args.memory,
-                          args.follow_dynamics)
+                          args.follow_dynamics, args.follow_articulation)
     print(f"{args.input}: {stats['input_notes']} notes; added {stats['answer_notes']} notes over "
           f"{stats['seconds']} s on track '{ANSWER_TRACK}' → {stats['output']}")
     return 0
