@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from antiphon.daemon.rigs.jackprobe import Probe
-from antiphon.daemon.rigs.jackserver import orphan_safe
+from antiphon.daemon.rigs.jackserver import orphan_safe, terminate
 
 WAIT_MS = 300
 # Timing bounds. At the probe (through JACK, a second process and two shared cores) only what a
@@ -58,13 +57,7 @@ def daemon_log(proc: subprocess.Popen) -> str:
 
 
 def stop_jam(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    terminate(proc)
     return daemon_log(proc)
 
 

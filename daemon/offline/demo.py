@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -184,6 +183,7 @@ def run(cfg: DemoConfig, log: Any = print) -> tuple[str, list[Path], list[str]]:
     """Plays the demo; returns (summary line, files written, what could not be written and why)."""
     from antiphon.daemon.offline import render
     from antiphon.daemon.rigs.jackprobe import Probe
+    from antiphon.daemon.rigs.jackserver import terminate
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,12 +201,7 @@ def run(cfg: DemoConfig, log: Any = print) -> tuple[str, list[Path], list[str]]:
                 heard = list(keys.heard)
             finally:
                 keys.close()
-                jam.send_signal(signal.SIGTERM)
-                try:
-                    jam.wait(15)
-                except subprocess.TimeoutExpired:
-                    jam.kill()
-                    jam.wait(5)
+                terminate(jam, 15.0)
             said = Path(jam_log.name).read_text()
         sessions = sorted(record.glob("*.mid"))
         if not sessions:

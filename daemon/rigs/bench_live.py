@@ -35,7 +35,7 @@ import numpy as np
 from antiphon.daemon.clock import MonotonicClock
 from antiphon.daemon.jam import read_trace
 from antiphon.daemon.rigs.jackprobe import Probe
-from antiphon.daemon.rigs.jackserver import JackServer, orphan_safe
+from antiphon.daemon.rigs.jackserver import JackServer, orphan_safe, terminate
 
 WAIT_MS = 250
 TARGETS = {"added_p50_ms": 1.0, "added_p99_ms": 2.0, "jitter_p99_ms": 1.0, "jitter_max_ms": 3.0,
@@ -88,11 +88,7 @@ class Partner:
 
     def close(self) -> str:
         self.probe.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        terminate(self.proc)
         return Path(self.log.name).read_text()
 
 
@@ -171,11 +167,7 @@ def idle_cpu(server: JackServer, model: str, seconds: float) -> dict[str, float]
         pair_pct = 100 * (cpu_seconds(pair.pid) - pair0) / dt
     finally:
         for proc in (jam, pair):
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            terminate(proc)
         os.close(terminal)
     return {"seconds": dt, "jam_pct": jam_pct, "pair_pct": pair_pct, "added_pct": jam_pct - pair_pct}
 

@@ -31,6 +31,17 @@ def orphan_safe(argv: list[str], signal: str = "TERM") -> list[str]:
     return [setpriv, "--pdeathsig", signal, "--", *argv] if setpriv else list(argv)
 
 
+def terminate(proc: subprocess.Popen, grace_s: float = 10.0) -> int | None:
+    """SIGTERM, then SIGKILL after grace_s: a daemon first closes its JACK clients and writes its files."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(5)
+
+
 def realtime_allowed() -> bool:
     """Whether a process may take SCHED_FIFO here (asked of a throwaway child, so this one's own
     scheduling is untouched); ANTIPHON_JACK_REALTIME=0/1 decides instead when set."""
