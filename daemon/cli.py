@@ -121,7 +121,8 @@ def _tune(p: argparse.ArgumentParser) -> None:
 
 def _sampling(p: argparse.ArgumentParser) -> None:
     """The jam's sampling flags, with its defaults and help, for the offline commands."""
-    for name in ("temperature", "top_p", "follow_density", "follow_dynamics", "follow_articulation", "memory"):
+    for name in ("temperature", "top_p", "follow_density", "follow_dynamics", "follow_articulation", "follow_rhythm",
+                 "memory"):
         f = JamConfig.__dataclass_fields__[name]
         p.add_argument("--" + name.replace("_", "-"), type=float, default=f.default,
                        help=f"{f.metadata['help']} (default: {f.default!r}, as jam)")

@@ -133,6 +133,8 @@ class JamConfig:
                                       "call's mean velocity (0: the model's own)")
     follow_articulation: float = _f(1.0, "0-1: keys held longer than the call's long notes (its 90th "
                                           "percentile) grow ever more likely to be released (0: the model's own odds)")
+    follow_rhythm: float = _f(1.0, "0-1: answer onsets favour the inter-onset intervals of the call (its beat) "
+                                    "and avoid the others (0: the model's own timing)")
     memory: float = _f(1.0, "0-1: how much the answer draws on what you played this session (the session "
                             "memory's proposals mixed into the pitch choice; 1: as fitted, 0: off)")
     wait_ms: int = _f(400, "ms of silence, no key down, after the player's last event that end a phrase", "--wait")

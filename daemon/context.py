@@ -65,6 +65,7 @@ class Conversation:
         self.call_loudness = 0  # their velocities summed: the answer's dynamics follow the call's
         self.key_down_at: dict[int, float] = {}  # when each held key was struck
         self.call_holds: deque[float] = deque(maxlen=64)  # recent key-down lengths: the answer's articulation
+        self.call_onsets: deque[float] = deque(maxlen=256)  # this call's note-on times: the answer's rhythm
         self.last_event = 0.0
         self.answer: Answer | None = None
         self.awaiting: int | None = None  # gen whose `heard` reply we wait for
@@ -125,6 +126,8 @@ class Conversation:
             self.key_down_at[d1] = t
             if self.phrase_start is None:
                 self.phrase_start, self.call_notes, self.call_loudness = t, 0, 0
+                self.call_onsets.clear()
+            self.call_onsets.append(t)
             self.call_notes += 1
             self.call_loudness += d2
         elif status in (codec.NOTE_OFF_STATUS, codec.NOTE_ON_STATUS):
@@ -265,7 +268,7 @@ class Conversation:
         memory = getattr(self.sampler, "memory", None)
         self.answer.memory_mark = memory.mark() if memory is not None else ()
         self.sampler.begin(self.call_notes, call_s, self.call_loudness / max(self.call_notes, 1),
-                           long_note_s(self.call_holds))
+                           long_note_s(self.call_holds), np.array(self.call_onsets))
 
     def wants_work(self) -> bool:
         return self.answer is not None and not self.answer.done and self.awaiting is None

@@ -154,7 +154,7 @@ class Jam:
         engine = Engine(cfg.model or None, threads=cfg.threads, log=lambda s: None)
         self.model_desc = f"{engine.model_path} (context {engine.context})"
         self.conv = Conversation(engine, jam_sampler(cfg.seed, cfg.temperature, cfg.top_p, cfg.follow_density, cfg.memory,
-                                             cfg.follow_dynamics, cfg.follow_articulation), grammar_mask, cfg,
+                                             cfg.follow_dynamics, cfg.follow_articulation, cfg.follow_rhythm), grammar_mask, cfg,
                                  self._submit, self._cancel, log,
                                  align=studio.align, snap=studio.snap)
         self._warm_up(engine)

@@ -21,6 +21,10 @@ KIND_STARTS = np.array([0, V.NOTE_ON, V.NOTE_OFF, V.TIME_SHIFT, V.VELOCITY, V.SU
 KIND_ENDS = np.append(KIND_STARTS[1:], V.VOCAB_SIZE)
 NOTE_KINDS = [1, 4]  # NOTE_ON, and VELOCITY, which only ever precedes a NOTE_ON
 OFF_KIND = 2
+CLUSTER_STEPS = 3  # onsets within 30 ms are one cluster (a chord): free of the rhythm steer
+GROOVE_STEPS = 200  # the rhythm steer looks at inter-onset intervals up to 2 s
+_SHIFT_STEPS = np.arange(1, V.MAX_SHIFT + 1)
+_IOI_EDGES = np.geomspace(2, GROOVE_STEPS, 25)  # 24 log-spaced bins, 20 ms .. 2 s, as the rhythm metric
 _VELOCITY_BINS = np.arange(V.VELOCITY_BINS, dtype=np.float64)
 
 
@@ -46,7 +50,7 @@ class Sampler:
 
     def __init__(self, seed: int | None, temperature: float, top_p: float, follow_density: float = 0.0,
                  memory: SessionMemory | None = None, memory_scale: float = 1.0, follow_dynamics: float = 0.0,
-                 follow_articulation: float = 0.0):
+                 follow_articulation: float = 0.0, follow_rhythm: float = 0.0):
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if not 0.0 <= follow_density <= 1.0:
@@ -68,14 +72,23 @@ class Sampler:
         self.release_gain = 3.0 * float(follow_articulation)
         self.hold_steps = 0.0  # the call's long-note length in steps; 0: no steer
         self._age = np.zeros(V.N_PITCH)
+        if not 0.0 <= follow_rhythm <= 1.0:
+            raise ValueError(f"follow_rhythm must be in [0, 1], got {follow_rhythm}")
+        self.follow_rhythm = float(follow_rhythm)
+        self.groove: np.ndarray | None = None  # per elapsed step: how much the call favours an onset there
+        self.since = 0  # steps since the answer's last onset cluster began
         # The session memory proposes pitches; memory_scale (the player's --memory, 0: off) scales its weight.
         self.memory, self.memory_scale = memory, float(memory_scale)
 
-    def begin(self, call_notes: int, call_s: float, call_velocity: float = -1.0, call_hold_s: float = -1.0) -> None:
+    def begin(self, call_notes: int, call_s: float, call_velocity: float = -1.0, call_hold_s: float = -1.0,
+              call_onsets: np.ndarray | None = None) -> None:
         """A new answer to a call of `call_notes` notes over `call_s` seconds (a call shorter than
         1 s counts as 1 s: three grace notes are not a rate of ten per second), played at a mean
         MIDI velocity of `call_velocity` (< 0: unknown, no dynamics steer), whose long notes (the
-        90th percentile of its key-down lengths) last `call_hold_s` (< 0: unknown, no release steer)."""
+        90th percentile of its key-down lengths) last `call_hold_s` (< 0: unknown, no release steer),
+        and whose note-ons came at `call_onsets` (seconds; None: no rhythm steer)."""
+        self.groove = groove(call_onsets, self.follow_rhythm) if call_onsets is not None else None
+        self.since = 0
         self.rate = call_notes / max(call_s, 1.0)
         self.hold_steps = max(call_hold_s, 0.1) / V.STEP_S if call_hold_s > 0 else 0.0
         self.call_velocity = V.velocity_bin(round(call_velocity)) if call_velocity > 0 else -1.0
@@ -92,8 +105,11 @@ class Sampler:
             self.notes += 1
             if self.memory is not None:
                 self.memory.hear(token - V.NOTE_ON, learn=False)  # context for the next proposal, not material
+            if self.since > CLUSTER_STEPS:
+                self.since = 0
         elif V.TIME_SHIFT <= token < V.VELOCITY:
             self.steps += token - V.TIME_SHIFT + 1
+            self.since += token - V.TIME_SHIFT + 1
         return token
 
     def _draw(self, weights: np.ndarray) -> int:
@@ -126,6 +142,8 @@ class Sampler:
         p = np.exp(x - x[best])
         kinds = np.add.reduceat(p, KIND_STARTS)
         odds = self._note_odds()
+        if self.groove is not None and self.notes and self.since > CLUSTER_STEPS:
+            odds *= float(self.groove[min(self.since, GROOVE_STEPS)])  # onsets where the call has them
         if odds != 1.0:
             # The steer trades notes against time; releases keep the model's share. Boosting note-ons
             # against note-offs too would postpone every release while an answer catches up with a
@@ -152,6 +170,10 @@ class Sampler:
             return self._count(lo + self._draw(w))
         if lo == V.VELOCITY and self.follow_dynamics > 0.0 and self.call_velocity >= 0:
             return self._count(lo + self._draw(self._dynamics(p[lo:int(KIND_ENDS[kind])])))
+        if lo == V.TIME_SHIFT and self.groove is not None and self.notes:
+            # Land where the call's onsets would land: each shift weighted by the groove where it ends.
+            ends = np.minimum(self.since + _SHIFT_STEPS, GROOVE_STEPS)
+            return self._count(lo + self._draw(p[lo:int(KIND_ENDS[kind])] * np.sqrt(self.groove[ends])))
         if lo != V.NOTE_ON:
             return self._count(lo + self._draw(p[lo:int(KIND_ENDS[kind])]))
         return self._count(self._pitch(x[lo:int(KIND_ENDS[kind])]) + lo)
@@ -207,19 +229,39 @@ class Sampler:
         return self._draw(q)
 
 
+def groove(onsets: np.ndarray, strength: float) -> np.ndarray | None:
+    """Per elapsed step since an onset cluster: the call's inter-onset-interval density there over
+    its mean, to the power `strength`, within [1/8, 8] (None: fewer than 4 intervals to go by).
+    A call with a steady beat makes onsets likely on that beat and unlikely between."""
+    if strength <= 0.0 or onsets is None or len(onsets) < 5:
+        return None
+    t = np.sort(np.asarray(onsets, dtype=np.float64)) / V.STEP_S
+    starts = t[np.concatenate([[True], np.diff(t) > CLUSTER_STEPS])]
+    iois = np.diff(starts)
+    if iois.size < 4:
+        return None
+    hist, _ = np.histogram(np.clip(iois, _IOI_EDGES[0], _IOI_EDGES[-1]), bins=_IOI_EDGES)
+    density = (hist + 0.5) / np.diff(_IOI_EDGES)  # per step, with a little mass everywhere
+    steps = np.arange(GROOVE_STEPS + 1)
+    per_step = density[np.clip(np.searchsorted(_IOI_EDGES, steps, side="right") - 1, 0, len(density) - 1)]
+    ratio = per_step / per_step[CLUSTER_STEPS + 1:].mean()
+    return np.clip(ratio, 1 / 8, 8.0) ** strength
+
+
 def long_note_s(holds) -> float:
     """The player's long-note length: the 90th percentile of their recent key-down lengths (-1: none yet)."""
     return float(np.percentile(holds, 90)) if len(holds) >= 4 else -1.0
 
 
 def jam_sampler(seed: int | None, temperature: float, top_p: float, follow_density: float,
-                memory: float, follow_dynamics: float = 0.0, follow_articulation: float = 0.0) -> Sampler:
+                memory: float, follow_dynamics: float = 0.0, follow_articulation: float = 0.0,
+                follow_rhythm: float = 0.0) -> Sampler:
     """The jam's sampler, as jam, continue and eval all use it. The session memory always learns
     (a live control may turn it up later); `memory` scales how much it is heard, 0: not at all."""
     if not 0.0 <= memory <= 1.0:
         raise ValueError(f"memory must be in [0, 1], got {memory}")
     return Sampler(seed, temperature, top_p, follow_density, SessionMemory(), memory, follow_dynamics,
-                   follow_articulation)
+                   follow_articulation, follow_rhythm)
 
 
 _BASE = np.ones(V.VOCAB_SIZE, dtype=bool)

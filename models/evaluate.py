@@ -186,7 +186,7 @@ def phrase_names(names: Sequence[str], docs: list[list[int]], n: int) -> list[tu
 def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, seed: int,
                     temperature: float = 1.0, top_p: float = 0.95, follow_density: float = 0.0,
                     memory: float = 0.0, follow_dynamics: float = 0.0, rolls: str = "", names: Sequence[str] = (),
-                    follow_articulation: float = 0.0,
+                    follow_articulation: float = 0.0, follow_rhythm: float = 0.0,
                     ) -> dict:
     """`rolls`: a folder to draw the first ROLLS calls' piano rolls into (call, answer, truth)."""
     rows: dict[str, list] = {"model": [], "baseline": [], "truth": []}
@@ -194,14 +194,14 @@ def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, se
     for i, (before, call, truth) in enumerate(pairs):
         prompt = [V.BOS] + call
         samplers = [jam_sampler(seed + i, temperature, top_p, follow_density, memory, follow_dynamics,
-                                follow_articulation),
+                                follow_articulation, follow_rhythm),
                     Sampler(seed + i, temperature, top_p, follow_density, follow_dynamics=follow_dynamics,
-                            follow_articulation=follow_articulation)]
+                            follow_articulation=follow_articulation, follow_rhythm=follow_rhythm)]
         samplers[0].memory.hear_tokens(before + call)  # the session so far, as jam's memory has heard it
         call_notes = M.notes_of(call)
         for s in samplers:
             s.begin(len(call_notes), CALL_S, float(np.mean([n.velocity for n in call_notes])),
-                    long_note_s([n.end - n.start for n in call_notes]))
+                    long_note_s([n.end - n.start for n in call_notes]), np.array([n.start for n in call_notes]))
         model_out = generate(lm_sampler(lm, prompt), prompt, RESPONSE_S, samplers[0])
         base_out = generate(markov_sampler(baseline, prompt), prompt, RESPONSE_S, samplers[1])
         for name, resp in (("model", model_out), ("baseline", base_out), ("truth", truth)):
@@ -283,12 +283,12 @@ def main(args) -> int:
         log(f"generating responses to up to {args.phrases} phrases")
         result["sampling"] = {"temperature": args.temperature, "top_p": args.top_p,
                               "follow_density": args.follow_density, "follow_dynamics": args.follow_dynamics,
-                              "follow_articulation": args.follow_articulation,
+                              "follow_articulation": args.follow_articulation, "follow_rhythm": args.follow_rhythm,
                               "memory": args.memory}
         result["metrics"] = musical_metrics(lm, baseline, docs, args.phrases, args.seed, args.temperature, args.top_p,
                                              args.follow_density, args.memory, args.follow_dynamics, args.rolls,
                                              [f"{n}, from {t} s" for n, t in phrase_names(names, docs, args.phrases)],
-                                             args.follow_articulation)
+                                             args.follow_articulation, args.follow_rhythm)
     if args.json:
         print(json.dumps(_finite(result), indent=2))
         return 0

@@ -237,6 +237,35 @@ def test_follow_articulation_lets_go_of_keys_held_past_the_calls_long_notes():
         Sampler(0, 1.0, 1.0, follow_articulation=2.0)
 
 
+def test_follow_rhythm_puts_onsets_on_the_calls_beat():
+    """A model with no sense of beat (a note or a 10-500 ms pause at flat odds), answering a call
+    with a steady 0.5 s pulse: with the steer, most inter-onset intervals land near 0.5 s."""
+    logits = np.full(V.VOCAB_SIZE, -30.0)
+    logits[[V.note_on(60), V.note_on(64)]] = 0.0
+    logits[V.TIME_SHIFT:V.TIME_SHIFT + 50] = np.log(2.0 / 50)
+    mask = np.ones(V.VOCAB_SIZE, bool)
+    beat = np.arange(16) * 0.5
+
+    def near_beat(w: float) -> float:
+        s = Sampler(2, 1.0, 1.0, follow_rhythm=w)
+        s.begin(16, 8.0, call_onsets=beat)
+        t, onsets = 0, []
+        for _ in range(3000):
+            tok = s.sample(logits, mask)
+            if V.NOTE_ON <= tok < V.NOTE_OFF:
+                if not onsets or t - onsets[-1] > 3:
+                    onsets.append(t)
+            elif V.TIME_SHIFT <= tok < V.VELOCITY:
+                t += tok - V.TIME_SHIFT + 1
+        iois = np.diff(onsets) * V.STEP_S
+        return float(np.mean((iois > 0.4) & (iois < 0.6)))
+
+    steered, own = near_beat(1.0), near_beat(0.0)
+    assert steered > 0.4 and steered > 2 * own and own < 0.25, (steered, own)
+    with pytest.raises(ValueError):
+        Sampler(0, 1.0, 1.0, follow_rhythm=-1.0)
+
+
 def test_follow_dynamics_moves_the_loudness_toward_the_calls_and_keeps_the_spread():
     """A model that plays around velocity bin 20 (MIDI ~82) with some spread, answering a soft call
     (MIDI 40, bin 10): w of the way there, the spread kept within 20 %."""

@@ -63,7 +63,8 @@ def _bar_seconds(score) -> float:
 
 def continue_file(in_path: str, out_path: str, seconds: float | None, bars: float | None, seed: int,
                   temperature: float, top_p: float, model: str = "", follow_density: float = 0.0,
-                  memory: float = 0.0, follow_dynamics: float = 0.0, follow_articulation: float = 0.0) -> dict:
+                  memory: float = 0.0, follow_dynamics: float = 0.0, follow_articulation: float = 0.0,
+                  follow_rhythm: float = 0.0) -> dict:
     import symusic
 
     perf = codec.load_midi(in_path)
@@ -77,12 +78,13 @@ def continue_file(in_path: str, out_path: str, seconds: float | None, bars: floa
 
     engine = Engine(model or None, threads=1)
     sampler = jam_sampler(None if seed < 0 else seed, temperature, top_p, follow_density, memory, follow_dynamics,
-                          follow_articulation)
+                          follow_articulation, follow_rhythm)
     # The call is the input's last CALL_S seconds: the rate of what was just played, not of the piece.
     last = max(n.start for n in perf.notes)
     recent = [n for n in perf.notes if n.start > last - CALL_S]
     sampler.begin(len(recent), min(CALL_S, last - min(n.start for n in perf.notes)),
-                  sum(n.velocity for n in recent) / max(len(recent), 1), long_note_s([n.end - n.start for n in recent]))
+                  sum(n.velocity for n in recent) / max(len(recent), 1), long_note_s([n.end - n.start for n in recent]),
+                  np.array([n.start for n in recent]))
     context = codec.encode_performance(perf)
     answer = continue_tokens(engine, context, length, sampler)
 
@@ -119,7 +121,7 @@ def continue_file(in_path: str, out_path: str, seconds: float | None, bars: floa
 def main(args) -> int:
     stats = continue_file(args.input, args.output, args.seconds, args.bars, args.seed, args.temperature,
                           args.top_p, args.model, args.follow_density, args.memory,
-                          args.follow_dynamics, args.follow_articulation)
+                          args.follow_dynamics, args.follow_articulation, args.follow_rhythm)
     print(f"{args.input}: {stats['input_notes']} notes; added {stats['answer_notes']} notes over "
           f"{stats['seconds']} s on track '{ANSWER_TRACK}' → {stats['output']}")
     return 0
