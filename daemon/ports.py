@@ -70,7 +70,10 @@ def bundled_libjack(files: Sequence[Any] | None = None) -> str:
             files = md.files("python-rtmidi") or []
         except md.PackageNotFoundError:
             return ""
-    return next((str(f) for f in files if os.path.basename(str(f)).startswith("libjack")), "")
+    lib = next((f for f in files if os.path.basename(str(f)).startswith("libjack")), None)
+    if lib is None:
+        return ""
+    return str(lib.locate()) if hasattr(lib, "locate") else str(lib)
 
 
 def jack_advice(api: str = "", files: Sequence[Any] | None = None) -> str:
