@@ -22,12 +22,16 @@ from antiphon.daemon.rigs.jackserver import orphan_safe, terminate
 
 WAIT_MS = 300
 # Timing bounds. At the probe (through JACK, a second process and two shared cores) only what a
-# musician would call late fails: tens of ms. A loaded machine delays the probe and JACK, not the
-# answer's schedule: the daemon's own --trace shows each message sent within SEND_S of its due
-# time, which load does not excuse. The strict figures (first note p50/p99, jitter) belong to
-# `antiphon bench --live`, which measures them side by side with the rig's floor.
+# musician would call late fails: tens of ms. The daemon's own --trace must show its schedule kept:
+# the median message sent within SEND_MEDIAN_S of its due time and none later than SEND_S. Idle,
+# sends are 0.1 ms late at the median and under 1 ms at p99; with two CPU hogs and a training run
+# on both cores one message in ~500 was sent 8.8 ms late (the scheduler thread waits for a core
+# or the GIL), so SEND_S stays well below what a listener hears as late but above that. The strict
+# figures (first note p50/p99, jitter) belong to `antiphon bench --live`, measured side by side
+# with the rig's floor.
 LATE_S = 0.050
-SEND_S = 0.005
+SEND_MEDIAN_S = 0.002
+SEND_S = 0.015
 ANSWER_MAX_S = 2.0
 JAM = ["--api", "jack", "--seed", "1", "--wait-ms", str(WAIT_MS), "--answer-min-s", "1.5", "--answer-max-s", str(ANSWER_MAX_S)]
 PHRASE = [(0.25 * i + d, [0x90 if d == 0 else 0x80, p, 90 if d == 0 else 0])
@@ -110,13 +114,19 @@ def assert_closed(heard, record: Path, proc: subprocess.Popen, by: float | None 
 
 
 def assert_sent_on_time(trace: Path, proc: subprocess.Popen | None = None) -> list[tuple[float, float, list[int]]]:
-    """Every message the daemon traced was sent within SEND_S after its due time (never before it);
-    returns the trace. Messages sent at once (a stop, a panic) are due when they are sent."""
+    """The daemon kept its schedule: no traced message sent before its due time or later than SEND_S
+    after it, the median within SEND_MEDIAN_S; returns the trace. Messages sent at once (a stop, a
+    panic) are due when they are sent."""
+    import statistics
+
     from antiphon.daemon.jam import read_trace
 
     rows = read_trace(trace)
+    said = f"; {daemon_log(proc)}" if proc else ""
     late = [(round(1000 * (sent - due), 2), m) for due, sent, m in rows if not 0.0 <= sent - due <= SEND_S]
-    assert not late, f"sent off schedule (ms late, message): {late[:8]}" + (f"; {daemon_log(proc)}" if proc else "")
+    assert not late, f"sent off schedule (ms late, message): {late[:8]}{said}"
+    median = statistics.median(sent - due for due, sent, _ in rows) if rows else 0.0
+    assert median <= SEND_MEDIAN_S, f"median send {1000 * median:.2f} ms after due{said}"
     return rows
 
 

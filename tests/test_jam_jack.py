@@ -4,8 +4,8 @@ records what comes back, with arrival times on the clock the daemon schedules on
 These tests assert behaviour that must hold on any machine, loaded or not (jackclient.py states
 the bounds): the answer comes after the player's wait, never before, and not late (LATE_S at the
 probe); the probe hears what the daemon sent, in the order sent; the daemon's own --trace shows
-every message sent within SEND_S of its due time; a barge-in silences the answer (within LATE_S
-at the probe); no note is left sounding. How fast, at the median and p99, is `antiphon bench
+its schedule kept (median within SEND_MEDIAN_S of due, none later than SEND_S); a barge-in
+silences the answer (within LATE_S at the probe); no note is left sounding. How fast, at the median and p99, is `antiphon bench
 --live`'s to say (idle: ~2 ms to the first note, jitter p99 under 1 ms).
 """
 
