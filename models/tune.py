@@ -45,6 +45,12 @@ from antiphon.daemon.config import JamConfig, ModelConfig, TrainConfig, TuneConf
 from antiphon.daemon.engine import ASSETS, default_model_path
 from antiphon.daemon.errors import UserError
 from antiphon.daemon.offline.render import ANSWER_TRACK
+from antiphon.export.cli import _quiet_exporter
+from antiphon.export.onnx_export import export_model
+from antiphon.export.quantize import quantize_int8
+from antiphon.export.verify import demo_tokens, verify
+from antiphon.export.weights import rebuild_and_verify
+from antiphon.models import data as D
 from antiphon.models import evaluate as E
 from antiphon.models import metrics as M
 from antiphon.models import replay as R
@@ -192,8 +198,6 @@ def tuning_corpus(out: Path, tune: list[Recording], held: list[Recording], repla
 def load_parent(path: str, log) -> tuple[GPT, ModelConfig, str, Path | None]:
     """(model, config, run id, its fp32 ONNX file if it has one) of the model to start from."""
     if not path or path.endswith(".onnx"):
-        from antiphon.export.weights import rebuild_and_verify
-
         onnx_path = Path(path or default_model_path())
         log(f"rebuilding PyTorch weights from {onnx_path}")
         model, cfg, meta = rebuild_and_verify(onnx_path, log=log, greedy_steps=32)
@@ -263,19 +267,19 @@ def score(model_path: str, held: list[list[int]], check: list[list[int]], baseli
 
 
 def calibrate(m: ModelConfig, t: TrainConfig, x: np.ndarray, y: np.ndarray) -> float:
-    """Seconds per training step of this shape on this machine now (the median of a few)."""
+    """Seconds per training step of this shape on this machine now."""
     model = GPT(m)
     opt = T.make_optimizer(model, t, torch.device("cpu"))
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     times = []
-    for _ in range(3):
+    for _ in range(2):  # the first pays for allocation; the second is the measure
         t0 = time.perf_counter()
         loss = model.loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times[1:]))
+    return times[-1]
 
 
 def toward_truth(before: dict, after: dict) -> dict[str, dict[str, float | bool | None]]:
@@ -324,8 +328,6 @@ def tune(cfg: TuneConfig, dirs: list[str], log) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="antiphon-tune-") as tmp:
         work = Path(tmp)
-        from antiphon.export.onnx_export import export_model
-
         if parent_onnx is None:  # a .pt parent: export it so that both sides are scored the same way
             parent_onnx = export_model(parent, pcfg, work / "parent.onnx", parent_id)
         log("scoring the starting model on your held-out playing")
@@ -339,8 +341,6 @@ def tune(cfg: TuneConfig, dirs: list[str], log) -> dict[str, Any]:
                         steps=1, lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=cfg.warmup_steps, weight_decay=0.0,
                         grad_clip=1.0, eval_every=1, eval_batches=1, augment=True, perf_share=1.0 - cfg.replay,
                         init=str(work / "parent.pt"), seed=cfg.seed, device="cpu", threads=cfg.threads)
-        from antiphon.models import data as D
-
         sampler = D.WindowSampler(D.load_split(str(corpus), "train", seq_len + 1, with_kinds=True), seq_len)
         step_s = calibrate(m, t, *sampler.batch(cfg.batch_size, D.step_rng(0, 0, 0)))
         steps = max(1, int(cfg.minutes * 60 / step_s) - 2)  # two steps' worth for train's own two evaluations
@@ -348,9 +348,9 @@ def tune(cfg: TuneConfig, dirs: list[str], log) -> dict[str, Any]:
         log(f"fine-tuning {steps} steps of {cfg.batch_size} x {seq_len} tokens ({step_s:.2f} s each here, now), "
             f"{1 - cfg.replay:.0%} of windows from your recordings, {cfg.replay:.0%} replay"
             " (in train's lines, valid_perf is your held-out playing, valid_score the replay check)")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         T.train(t, m, T.setup(t), None)
-        train_s = time.perf_counter() - t0
+        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
 
         ck = load_checkpoint(work / "run" / "best.pt")
         ecfg = dataclasses.replace(model_config_of(ck), dropout=pcfg.dropout)
@@ -376,7 +376,8 @@ def tune(cfg: TuneConfig, dirs: list[str], log) -> dict[str, Any]:
             written.append(str(fp32_path(out)))
     result = {"model": str(out), "written": written, "run_id": run_id, "parent_run_id": parent_id,
               "recordings": lineage["recordings"], "skipped": skipped, "replay": lineage["replay"],
-              "steps": steps, "train_s": round(train_s, 1), "step_s_calibrated": round(step_s, 3),
+              "steps": steps, "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),
+              "step_s_calibrated": round(step_s, 3),
               "tokens_per_step": cfg.batch_size * seq_len, "wall_s": round(time.perf_counter() - t_start, 1),
               "threads": torch.get_num_threads(), "verify": exported["reports"],
               "before": before, "after": after,
@@ -392,11 +393,6 @@ def tune(cfg: TuneConfig, dirs: list[str], log) -> dict[str, Any]:
 
 def export_verified(model: GPT, cfg: ModelConfig, work: Path, run_id: str, lineage: dict[str, Any], log) -> dict:
     """fp32 and int8 ONNX in `work`, each verified against the PyTorch model as `antiphon export` does."""
-    from antiphon.export.cli import _quiet_exporter
-    from antiphon.export.onnx_export import export_model
-    from antiphon.export.quantize import quantize_int8
-    from antiphon.export.verify import demo_tokens, verify
-
     _quiet_exporter()
     meta = {"parent_run_id": lineage["parent_run_id"], "tuned_from": lineage["parent_model"],
             "tuned_on": json.dumps(lineage["recordings"]), "tune": json.dumps(
@@ -432,10 +428,12 @@ def print_report(result: dict[str, Any], console) -> None:
         fmt = lambda v: "-" if v is None or not math.isfinite(v) else f"{v:.3f}"
         for m, row in result["metrics"].items():
             mt.add_row(m, fmt(row["before"]), fmt(row["after"]), fmt(row["truth"]),
-                       {True: "yes", False: "no", None: "-"}[row["closer"]])
+                       "-" if row["closer"] is None else "same" if row["before"] == row["after"] else
+                       "yes" if row["closer"] else "no")
         console.print(mt)
     console.print(f"{result['steps']} steps in {result['train_s'] / 60:.1f} min of fine-tuning "
-                  f"({result['wall_s'] / 60:.1f} min in all, {result['threads']} threads); parent run "
+                  f"({result['train_cpu_s'] / 60:.1f} CPU-min; {result['wall_s'] / 60:.1f} min in all, "
+                  f"{result['threads']} threads); parent run "
                   f"{result['parent_run_id']}, tuned run {result['run_id']}")
     for p in result["written"]:
         console.print(f"wrote {p}")
