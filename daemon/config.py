@@ -106,8 +106,8 @@ class TuneConfig:
     warmup_steps: int = _f(10, "linear warm-up steps")
     seq_len: int = _f(512, "training window length in tokens")
     batch_size: int = _f(8, "windows per step")
-    dropout: float = _f(0.0, "dropout while fine-tuning; the shipped model was trained without, and switching it "
-                             "on perturbs every step of a short fine-tune (the export has none)")
+    dropout: float = _f(0.0, "dropout while fine-tuning (the shipped model was trained without; the export has "
+                             "none)")
     phrases: int = _f(32, "held-out 8 s calls answered before and after for the musical metrics (0: skip)")
     threads: int = _f(2, "torch CPU threads (0: torch default)")
     seed: int = _f(1, "seed for the windows, dropout and the answers sampled for the metrics")
