@@ -3,10 +3,10 @@
 The Transformer knows music in general and, through its window, the last ~1000 tokens. What it
 does not do by itself is take up the player's motif (prompting alone does not make a model repeat
 a theme). Like the Continuator, the memory learns the player's own note-on pitches as they are
-heard, every context of the last 1..max_order pitches with the pitches that followed it, and
+heard, every context of the last 1..max_order steps with the step that followed it, and
 proposes what followed the longest context that matches now. Its proposal is mixed into the
-pitch choice (`mix_pitch`), weighted by how long the match is: a long match means the player is
-replaying material, and the answer is invited to take it up.
+pitch choice as a product of experts (`mix_pitch`), weighted by how long the match is: a long
+match means the player is replaying material, and the answer is invited to take it up.
 
 Pitches, not whole tokens: timing and velocity vary from one playing of a motif to the next, so
 exact token contexts rarely match in real performance; the model keeps deciding *when*.
@@ -30,6 +30,7 @@ WEIGHT = 0.5  # mixing weight of the memory at a long match, before the player's
 HALF_ORDER = 2.0  # the match length at which the weight is half of WEIGHT
 MAX_CONTEXTS = 32768
 VIEWPOINT = "interval"
+FLOOR = 1e-3  # added to the memory's proposal: an unproposed pitch is discouraged, never forbidden
 
 
 class SessionMemory:
@@ -132,11 +133,14 @@ class SessionMemory:
         return self.weight * order / (order + self.half_order), p
 
 
-def mix_pitch(model_p: np.ndarray, weight: float, memory_p: np.ndarray | None) -> np.ndarray:
-    """The pitch distribution antiphon plays from: (1 - w) model + w memory (both sum to 1)."""
+def mix_pitch(model_logp: np.ndarray, weight: float, memory_p: np.ndarray | None) -> np.ndarray:
+    """The pitch log-odds antiphon plays from: the model's times the memory's to the power `weight`
+    (a product of experts, renormalised by the caller). The model keeps a veto: a motif the memory
+    would move out of the key lands where the model gives it no chance, and stays unplayed; a
+    weighted sum would play it anyway (measured: key agreement 0.76 of the truth's at full weight)."""
     if memory_p is None or weight <= 0.0:
-        return model_p
-    return (1.0 - weight) * model_p + weight * memory_p
+        return model_logp
+    return model_logp + weight * np.log(memory_p + FLOOR)
 
 
 def note_on_logprob(logp: np.ndarray, target: int, weight: float, proposal: np.ndarray | None) -> float:
@@ -147,5 +151,6 @@ def note_on_logprob(logp: np.ndarray, target: int, weight: float, proposal: np.n
     on = logp[V.NOTE_ON:V.NOTE_OFF]
     top = on.max()
     kind = top + np.log(np.exp(on - top).sum())  # log P(the next event is a note-on)
-    pitch = target - V.NOTE_ON
-    return float(kind + np.log((1.0 - weight) * np.exp(on[pitch] - kind) + weight * proposal[pitch]))
+    mixed = mix_pitch(on - kind, weight, proposal)
+    m = mixed.max()
+    return float(kind + mixed[target - V.NOTE_ON] - m - np.log(np.exp(mixed - m).sum()))

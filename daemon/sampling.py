@@ -22,7 +22,8 @@ KIND_ENDS = np.append(KIND_STARTS[1:], V.VOCAB_SIZE)
 NOTE_KINDS = [1, 4]  # NOTE_ON, and VELOCITY, which only ever precedes a NOTE_ON
 OFF_KIND = 2
 CLUSTER_STEPS = 3  # onsets within 30 ms are one cluster (a chord): free of the rhythm steer
-GROOVE_STEPS = 200  # the rhythm steer looks at inter-onset intervals up to 2 s
+GROOVE_STEPS = 200  # the rhythm steer looks at inter-onset intervals from GROOVE_MIN steps up to 2 s
+GROOVE_MIN = 8
 _SHIFT_STEPS = np.arange(1, V.MAX_SHIFT + 1)
 _IOI_EDGES = np.geomspace(2, GROOVE_STEPS, 25)  # 24 log-spaced bins, 20 ms .. 2 s, as the rhythm metric
 _VELOCITY_BINS = np.arange(V.VELOCITY_BINS, dtype=np.float64)
@@ -207,14 +208,7 @@ class Sampler:
         weight, proposal = self.memory.propose()
         if proposal is None:
             return y
-        allowed = np.isfinite(y)
-        mem = np.where(allowed, proposal, 0.0)
-        if mem.sum() <= 0.0:
-            return y
-        model = np.exp(y - y.max())
-        mixed = mix_pitch(model / model.sum(), min(weight * self.memory_scale, 1.0), mem / mem.sum())
-        with np.errstate(divide="ignore"):
-            return np.log(mixed)
+        return mix_pitch(y, weight * self.memory_scale, proposal)
 
     def _pitch(self, y: np.ndarray) -> int:
         y = self.pitch_logits(y)
@@ -244,8 +238,9 @@ def groove(onsets: np.ndarray, strength: float) -> np.ndarray | None:
     density = (hist + 0.5) / np.diff(_IOI_EDGES)  # per step, with a little mass everywhere
     steps = np.arange(GROOVE_STEPS + 1)
     per_step = density[np.clip(np.searchsorted(_IOI_EDGES, steps, side="right") - 1, 0, len(density) - 1)]
-    ratio = per_step / per_step[CLUSTER_STEPS + 1:].mean()
-    return np.clip(ratio, 1 / 8, 8.0) ** strength
+    ratio = np.clip(per_step / per_step[GROOVE_MIN:].mean(), 1 / 8, 8.0) ** strength
+    ratio[:GROOVE_MIN] = 1.0  # grace notes and rolled chords: the model's own business
+    return ratio
 
 
 def long_note_s(holds) -> float:

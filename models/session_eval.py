@@ -2,9 +2,9 @@
 
 The window slides as in jam (a full cache keeps its recent half and re-prefills), and the
 session memory (daemon/memory.py) learns every note as it is heard. Per note-on we keep what
-the mixing needs (the model's kind and pitch log-odds, the memory's match length and proposal
-for the played pitch at each maximum order), so the memory's constants are fitted on one
-set without running the model again, and then reported on another.
+the mixing needs (the model's pitch log-odds, and for each memory variant its match length and
+whole proposal), so the memory's constants are fitted on one set without running the model
+again, and then reported on another.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from antiphon.daemon import memory as MEM
 from antiphon.daemon import vocab as V
 from antiphon.daemon.memory import SessionMemory
 
-VARIANTS = tuple((v, k) for v in ("interval", "pitch") for k in (2, 4, 6, 8))
-WEIGHTS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+VARIANTS = (("interval", 4), ("interval", 6), ("pitch", 6))
+WEIGHTS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 HALF_ORDERS = (0.5, 1.0, 2.0, 4.0)
 
 
@@ -30,10 +30,11 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - math.log(np.exp(x).sum())
 
 
-def stream(lm, docs: Sequence[Sequence[int]], variants: Sequence[tuple[str, int]] = VARIANTS) -> dict[str, np.ndarray]:
-    """Per scored token: model log p; per note-on: log P(kind), log p(pitch | on), and per memory
-    variant (viewpoint, max order) its match length and proposed p(pitch) (NaN where none)."""
-    logp_all, on_kind, on_pitch, match, mem_p = [], [], [], [], []
+def stream(lm, docs: Sequence[Sequence[int]], variants: Sequence[tuple[str, int]] = VARIANTS) -> dict:
+    """Per scored token: model log p. Per note-on: the model's pitch log-odds given a note-on
+    (128, float32), the played pitch, and per memory variant (viewpoint, max order) its match
+    length and proposal (128, float32; zeros where nothing matched)."""
+    logp_all, pitch_logp, target, match, mem_p = [], [], [], [], []
     for doc in docs:
         memories = [SessionMemory(max_order=k, weight=1.0, half_order=0.0, viewpoint=v) for v, k in variants]
         lm.reset()
@@ -44,14 +45,13 @@ def stream(lm, docs: Sequence[Sequence[int]], variants: Sequence[tuple[str, int]
             logp_all.append(logp[tok])
             if V.NOTE_ON <= tok < V.NOTE_OFF:
                 on = logp[V.NOTE_ON:V.NOTE_OFF]
-                kind = on.max() + math.log(np.exp(on - on.max()).sum())
-                on_kind.append(kind)
-                on_pitch.append(logp[tok] - kind)
+                pitch_logp.append((on - (on.max() + math.log(np.exp(on - on.max()).sum()))).astype(np.float32))
+                target.append(tok - V.NOTE_ON)
                 row_k, row_p = [], []
                 for m in memories:
                     _, proposal = m.propose()
                     row_k.append(m.match())
-                    row_p.append(proposal[tok - V.NOTE_ON] if proposal is not None else np.nan)
+                    row_p.append(proposal.astype(np.float32) if proposal is not None else np.zeros(V.N_PITCH, np.float32))
                     m.hear(tok - V.NOTE_ON)
                 match.append(row_k)
                 mem_p.append(row_p)
@@ -62,24 +62,24 @@ def stream(lm, docs: Sequence[Sequence[int]], variants: Sequence[tuple[str, int]
             logits = lm.decode(tok)
             window.append(tok)
     n = len(variants)
-    return {"logp": np.array(logp_all), "on_kind": np.array(on_kind), "on_pitch": np.array(on_pitch),
-            "match": np.array(match, dtype=float).reshape(-1, n), "mem_p": np.array(mem_p, dtype=float).reshape(-1, n),
-            "variants": list(variants)}
+    return {"logp": np.array(logp_all), "pitch_logp": np.array(pitch_logp, np.float32).reshape(-1, V.N_PITCH),
+            "target": np.array(target, dtype=np.int64), "match": np.array(match, dtype=float).reshape(-1, n),
+            "mem_p": np.array(mem_p, np.float32).reshape(-1, n, V.N_PITCH), "variants": [tuple(v) for v in variants]}
 
 
-def nll(s: dict[str, np.ndarray], variant: tuple[str, int] | None = None, weight: float = 0.0,
-        half_order: float = 1.0) -> float:
-    """Mean nats/token with the memory `variant` mixed in (None or weight 0: the model alone)."""
+def nll(s: dict, variant: tuple[str, int] | None = None, weight: float = 0.0, half_order: float = 1.0) -> float:
+    """Mean nats/token with the memory `variant` mixed in as jam mixes it (None or weight 0: the model alone)."""
     total = -s["logp"].sum()
-    if variant is None or weight <= 0.0 or s["on_kind"].size == 0:
+    if variant is None or weight <= 0.0 or s["target"].size == 0:
         return float(total / s["logp"].size)
     j = s["variants"].index(tuple(variant))
-    k, p = s["match"][:, j], s["mem_p"][:, j]
-    use = (k >= 1) & np.isfinite(p)
-    kk = np.maximum(k, 0.0)
-    w = np.where(use, weight * kk / (kk + half_order), 0.0)
-    mixed = (1 - w) * np.exp(s["on_pitch"]) + w * np.where(use, p, 0.0)
-    delta = -(s["on_kind"] + np.log(mixed)).sum() + (s["on_kind"] + s["on_pitch"]).sum()
+    k = np.maximum(s["match"][:, j], 0.0)
+    w = np.where(k >= 1, weight * k / (k + half_order), 0.0)[:, None]
+    mixed = s["pitch_logp"].astype(np.float64) + w * np.log(s["mem_p"][:, j].astype(np.float64) + MEM.FLOOR)
+    mixed -= mixed.max(axis=1, keepdims=True)
+    mixed -= np.log(np.exp(mixed).sum(axis=1, keepdims=True))
+    rows = np.arange(s["target"].size)
+    delta = -(mixed[rows, s["target"]] - s["pitch_logp"][rows, s["target"]]).sum()
     return float((total + delta) / s["logp"].size)
 
 
@@ -87,7 +87,7 @@ def shipped_constants() -> tuple[tuple[str, int], float, float]:
     return (MEM.VIEWPOINT, MEM.MAX_ORDER), MEM.WEIGHT, MEM.HALF_ORDER
 
 
-def fit(s: dict[str, np.ndarray]) -> dict:
+def fit(s: dict) -> dict:
     """The memory variant and mixing constants with the lowest streamed NLL on this set, and the
     best of each variant (to compare viewpoints and orders)."""
     per_variant = {}

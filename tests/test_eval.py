@@ -105,7 +105,7 @@ def test_streamed_session_memory_pays_off_when_the_player_repeats(tiny_model):
     lm = Engine(str(tiny_model.onnx), log=lambda _: None)
     s = SE.stream(lm, [[V.BOS] + piece + piece])  # 801 tokens through a 128-token window: it slides
     notes = sum(V.NOTE_ON <= t < V.NOTE_OFF for t in piece)
-    assert s["logp"].size == 800 and s["on_kind"].size == 2 * notes
+    assert s["logp"].size == 800 and s["target"].size == 2 * notes and s["pitch_logp"].shape == (2 * notes, 128)
     # The second time through, the memory knows every note: its long matches all predict right.
     second = s["match"][notes + 8:, -1]
     assert (second >= 6).mean() > 0.9

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from antiphon.daemon import vocab as V
-from antiphon.daemon.memory import SessionMemory, mix_pitch, note_on_logprob
+from antiphon.daemon.memory import FLOOR, SessionMemory, mix_pitch, note_on_logprob
 from antiphon.daemon.sampling import Sampler, jam_sampler
 
 MOTIF = [60, 64, 67, 72, 71, 67, 64, 62]
@@ -65,17 +65,22 @@ def test_memory_is_bounded_and_constant_time_per_note():
     assert int(np.argmax(m.propose()[1])) == 64
 
 
-def test_mixing_is_a_distribution_and_matches_the_sampler():
-    model = np.full(V.N_PITCH, 1.0 / V.N_PITCH)
+def test_mixing_is_a_product_of_experts_and_a_distribution():
+    model = np.full(V.N_PITCH, -np.log(V.N_PITCH))
     mem = np.zeros(V.N_PITCH)
     mem[67] = 1.0
-    mixed = mix_pitch(model, 0.5, mem)
-    assert mixed.sum() == pytest.approx(1.0) and mixed[67] == pytest.approx(0.5 + 0.5 / 128)
+    mixed = np.exp(mix_pitch(model, 0.5, mem))
+    mixed /= mixed.sum()
+    lift = np.sqrt((1 + FLOOR) / FLOOR)  # (p_mem + floor) ** 0.5, relative
+    assert mixed[67] == pytest.approx(lift / (lift + 127))
+    # The model's veto: a pitch it rules out stays out, however sure the memory is.
+    vetoed = mix_pitch(np.where(np.arange(V.N_PITCH) == 67, -np.inf, model), 1.0, mem)
+    assert vetoed[67] == -np.inf
     logits = np.zeros(V.VOCAB_SIZE)
     logp = logits - np.log(V.VOCAB_SIZE)
     lp = note_on_logprob(logp, V.note_on(67), 0.5, mem)
     # P(note-on) = 128/393 is the model's; the pitch within it is mixed.
-    assert np.exp(lp) == pytest.approx(128 / V.VOCAB_SIZE * (0.5 / 128 + 0.5))
+    assert np.exp(lp) == pytest.approx(128 / V.VOCAB_SIZE * mixed[67])
     assert note_on_logprob(logp, V.time_shift(3), 0.5, mem) == pytest.approx(logp[0])
     total = sum(np.exp(note_on_logprob(logp, t, 0.5, mem)) for t in range(V.VOCAB_SIZE))
     assert total == pytest.approx(1.0)
@@ -96,9 +101,15 @@ def test_sampler_takes_up_the_players_motif_only_when_asked():
 
     with_memory = np.mean([next_note(1.0, i) == MOTIF[6] for i in range(300)])
     without = np.mean([next_note(0.0, i) == MOTIF[6] for i in range(300)])
-    # The mixing weight at a 6-note match, plus the model's 1/128.
-    expected = SessionMemory().weight * 6 / (6 + SessionMemory().half_order)
-    assert abs(with_memory - expected) < 0.1 and without < 0.03
+    # What the mixing promises at this point: the memory's proposal to the power of its weight.
+    m = SessionMemory()
+    m.hear_tokens([V.note_on(p) for p in MOTIF * 4])
+    for p in MOTIF[:6]:
+        m.hear(p, learn=False)
+    weight, proposal = m.propose()
+    expected = np.exp(mix_pitch(np.zeros(V.N_PITCH), weight, proposal))
+    expected = expected[MOTIF[6]] / expected.sum()
+    assert expected > 0.05 and abs(with_memory - expected) < 0.05 and without < 0.03
     # A key the grammar forbids (sounding) is never proposed by the memory either.
     s = jam_sampler(3, 1.0, 1.0, 0.0, 1.0)
     s.memory.hear_tokens([V.note_on(p) for p in [60, 64] * 8])
