@@ -28,7 +28,7 @@ from antiphon.daemon import vocab as V
 MAX_ORDER = 6
 WEIGHT = 0.5  # mixing weight of the memory at a long match, before the player's --memory scale
 HALF_ORDER = 2.0  # the match length at which the weight is half of WEIGHT
-MAX_CONTEXTS = 32768
+MAX_CONTEXTS = 16384
 VIEWPOINT = "interval"
 FLOOR = 1e-3  # added to the memory's proposal: an unproposed pitch is discouraged, never forbidden
 
@@ -46,12 +46,16 @@ class SessionMemory:
             raise ValueError(f"viewpoint must be 'interval' or 'pitch', got {viewpoint!r}")
         self.max_order, self.weight, self.half_order = max_order, weight, half_order
         self.max_contexts, self.intervals = max_contexts, viewpoint == "interval"
+        # tables[k]: context of k symbols -> {next symbol: count} (tables[0] unused: see _unigram)
         self.tables: list[dict[tuple[int, ...], dict[int, int]]] = [{} for _ in range(max_order + 1)]
         self.recent: deque[int] = deque(maxlen=max_order)
         self.last = -1  # the last note-on's pitch
         self.heard = 0
         self._p = np.zeros(V.N_PITCH)
         self._sym = np.zeros(2 * V.N_PITCH - 1 if self.intervals else V.N_PITCH)
+        self._shift = V.N_PITCH - 1 if self.intervals else 0  # interval i sits at index i + 127
+        self._unigram = np.zeros_like(self._sym)
+        self._distinct = 0
 
     def hear(self, pitch: int, learn: bool = True) -> None:
         """A note-on at `pitch`; `learn=False` for antiphon's own notes: they shape the context
@@ -64,7 +68,10 @@ class SessionMemory:
             sym = pitch
         if learn:
             ctx = tuple(self.recent)
-            for k in range(len(ctx) + 1):
+            i = sym + self._shift
+            self._unigram[i] += 1.0  # order 0 as an array: the one context with many successors
+            self._distinct += self._unigram[i] == 1.0
+            for k in range(1, len(ctx) + 1):
                 table = self.tables[k]
                 key = ctx[len(ctx) - k:]
                 succ = table.get(key)
@@ -93,8 +100,8 @@ class SessionMemory:
     def match(self) -> int:
         """Length of the longest context seen before that ends now (-1: none, not even order 0)."""
         ctx = tuple(self.recent)
-        order = -1
-        for k in range(len(ctx) + 1):
+        order = 0 if self.heard else -1
+        for k in range(1, len(ctx) + 1):
             if ctx[len(ctx) - k:] not in self.tables[k]:
                 break
             order = k
@@ -109,10 +116,15 @@ class SessionMemory:
             return 0.0, None
         ctx = tuple(self.recent)
         q = self._sym
-        q.fill(1.0 / q.size)
-        shift = V.N_PITCH - 1 if self.intervals else 0  # interval i sits at index i + 127
-        order = -1
-        for k in range(len(ctx) + 1):
+        shift = self._shift
+        n = self.heard
+        if n == 0:
+            return 0.0, None
+        u = float(self._distinct)
+        np.multiply(self._unigram, 1.0 / (n + u), out=q)
+        q += u / (n + u) / q.size
+        order = 0
+        for k in range(1, len(ctx) + 1):
             succ = self.tables[k].get(ctx[len(ctx) - k:])
             if succ is None:
                 break
