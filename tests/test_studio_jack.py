@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 
 from antiphon.daemon.clock import MonotonicClock
-from antiphon.daemon.rigs.jackprobe import Probe
 from antiphon.daemon.jam import read_trace
+from antiphon.daemon.rigs.jackprobe import Probe
 
 H = sys.modules["jackclient"]  # loaded by conftest.py
 WAIT = H.WAIT_MS / 1000
