@@ -24,10 +24,11 @@ import numpy as np
 
 from antiphon.daemon import vocab as V
 
-# Chosen on valid_score by `antiphon eval --fit-memory` (see docs/model.md); reported on valid_perf.
+# Chosen on valid_score (see docs/model.md: the answers' motif echo nearest the players' own, with
+# key agreement kept; `antiphon eval` prints the streamed-NLL fit); reported on valid_perf.
 MAX_ORDER = 6
 WEIGHT = 0.5  # mixing weight of the memory at a long match, before the player's --memory scale
-HALF_ORDER = 2.0  # the match length at which the weight is half of WEIGHT
+HALF_ORDER = 1.0  # the match length at which the weight is half of WEIGHT
 MAX_CONTEXTS = 16384
 VIEWPOINT = "interval"
 FLOOR = 1e-3  # added to the memory's proposal: an unproposed pitch is discouraged, never forbidden

@@ -39,7 +39,8 @@ def test_help_ports_and_jam_parsing_never_import_torch():
     proc = run_py(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"
-    for sub in ("jam", "ports", "tokenize", "data", "train", "eval", "export", "bench", "continue", "render"):
+    for sub in ("jam", "ports", "tokenize", "data", "train", "eval", "export", "bench", "continue", "render", "tune",
+                "demo"):
         assert f"    {sub}" in proc.stdout
 
 
