@@ -18,6 +18,7 @@ import math
 import os
 import random
 import time
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -279,7 +280,7 @@ def train(t: TrainConfig, m: ModelConfig, env: Env, ck: dict[str, Any] | None, s
         meta = {"step": step, "train_config": to_dict(t), "best_valid_perf": best, "wall_s": wall,
                 "valid": losses, "tokens_seen": step * tokens_per_step, "parent_run_id": parent}
         if run_id is None:
-            run_id = f"{int(time.time()):x}"
+            run_id = f"{int(time.time()):x}-{uuid.uuid4().hex[:6]}"  # a parent and its child may start in one second
         save_checkpoint(out / "last.pt", model, m, {**meta, "run_id": run_id, "optimizer": opt.state_dict(),
                                                     "rng": rng_state()})
         if improved:  # weights only: this is the file that ships
