@@ -228,8 +228,8 @@ def test_the_answer_sampler_is_told_each_calls_note_rate():
     h = Harness(wait_ms=400)
     told = []
     begin = h.conv.sampler.begin
-    h.conv.sampler.begin = lambda notes, seconds, loud, hold: (told.append((notes, round(seconds, 6), loud, hold)),
-                                                               begin(notes, seconds, loud, hold))
+    h.conv.sampler.begin = lambda notes, seconds, loud, hold, onsets: (
+        told.append((notes, round(seconds, 6), loud, hold, list(onsets))), begin(notes, seconds, loud, hold, onsets))
     call(h)  # two notes over 0.6 s
     assert told[-1][:2] == (2, 0.6)
     h.generate()
@@ -241,3 +241,4 @@ def test_the_answer_sampler_is_told_each_calls_note_rate():
     assert h.conv.answer.gen > gen and told[-1][:3] == (3, 0.5, 90.0)  # and their mean velocity
     # The key-down lengths heard so far (0.3, 0.3; 0.5, 0.4, 0.3): the long-note length is their 90th percentile.
     assert told[-1][3] == pytest.approx(np.percentile([0.3, 0.3, 0.5, 0.4, 0.3], 90))
+    assert told[-1][4] == [20.0, 20.1, 20.2]  # this call's onsets: the answer's rhythm follows them
