@@ -54,8 +54,7 @@ class Sampler:
                  follow_articulation: float = 0.0, follow_rhythm: float = 0.0):
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if not 0.0 <= follow_density <= 1.0:
-            raise ValueError(f"follow_density must be in [0, 1], got {follow_density}")
+        _check_share("follow_density", follow_density)
         # JamConfig uses -1 for "random seed".
         self.rng = np.random.default_rng(None if seed is None or seed < 0 else seed)
         self.temperature = float(temperature)
@@ -64,17 +63,14 @@ class Sampler:
         self.gain = w / (1.0 - w)
         self.rate = 0.0  # the call's notes per second; 0: no steer
         self.notes = self.steps = 0  # the answer's so far, as sampled
-        if not 0.0 <= follow_dynamics <= 1.0:
-            raise ValueError(f"follow_dynamics must be in [0, 1], got {follow_dynamics}")
+        _check_share("follow_dynamics", follow_dynamics)
         self.follow_dynamics = float(follow_dynamics)
         self.call_velocity = -1.0  # the call's mean velocity bin; < 0: no steer
-        if not 0.0 <= follow_articulation <= 1.0:
-            raise ValueError(f"follow_articulation must be in [0, 1], got {follow_articulation}")
+        _check_share("follow_articulation", follow_articulation)
         self.release_gain = 3.0 * float(follow_articulation)
         self.hold_steps = 0.0  # the call's long-note length in steps; 0: no steer
         self._age = np.zeros(V.N_PITCH)
-        if not 0.0 <= follow_rhythm <= 1.0:
-            raise ValueError(f"follow_rhythm must be in [0, 1], got {follow_rhythm}")
+        _check_share("follow_rhythm", follow_rhythm)
         self.follow_rhythm = float(follow_rhythm)
         self.groove: np.ndarray | None = None  # per elapsed step: how much the call favours an onset there
         self.since = 0  # steps since the answer's last onset cluster began
@@ -94,6 +90,11 @@ class Sampler:
         self.hold_steps = max(call_hold_s, 0.1) / V.STEP_S if call_hold_s > 0 else 0.0
         self.call_velocity = V.velocity_bin(round(call_velocity)) if call_velocity > 0 else -1.0
         self.notes = self.steps = 0
+
+    def begin_call(self, notes: list[codec.Note], seconds: float) -> None:
+        """`begin` from a call given as notes (offline: continue and eval; jam keeps running sums)."""
+        self.begin(len(notes), seconds, float(np.mean([n.velocity for n in notes])) if notes else -1.0,
+                   long_note_s([n.end - n.start for n in notes]), np.array([n.start for n in notes]))
 
     def _note_odds(self) -> float:
         if self.gain <= 0.0 or self.rate <= 0.0:
@@ -223,6 +224,11 @@ class Sampler:
         return self._draw(q)
 
 
+def _check_share(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
 def groove(onsets: np.ndarray, strength: float) -> np.ndarray | None:
     """Per elapsed step since an onset cluster: the call's inter-onset-interval density there over
     its mean, to the power `strength`, within [1/8, 8] (None: fewer than 4 intervals to go by).
@@ -253,8 +259,7 @@ def jam_sampler(seed: int | None, temperature: float, top_p: float, follow_densi
                 follow_rhythm: float = 0.0) -> Sampler:
     """The jam's sampler, as jam, continue and eval all use it. The session memory always learns
     (a live control may turn it up later); `memory` scales how much it is heard, 0: not at all."""
-    if not 0.0 <= memory <= 1.0:
-        raise ValueError(f"memory must be in [0, 1], got {memory}")
+    _check_share("memory", memory)
     return Sampler(seed, temperature, top_p, follow_density, SessionMemory(), memory, follow_dynamics,
                    follow_articulation, follow_rhythm)
 

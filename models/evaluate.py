@@ -24,7 +24,7 @@ import numpy as np
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
 from antiphon.daemon.errors import UserError
-from antiphon.daemon.sampling import Sampler, grammar_mask, jam_sampler, long_note_s
+from antiphon.daemon.sampling import Sampler, grammar_mask, jam_sampler
 from antiphon.models import metrics as M
 from antiphon.models import session_eval as SE
 from antiphon.models.markov import MarkovModel, baseline_for
@@ -32,12 +32,6 @@ from antiphon.models.markov import MarkovModel, baseline_for
 CALL_S = RESPONSE_S = 8.0
 ROLLS = 6  # piano rolls drawn with --rolls
 MAX_RESPONSE_TOKENS = 800  # a runaway stream of zero-time tokens must still end
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 class TorchLM:
@@ -99,7 +93,7 @@ def sliding_nll(lm, tokens: Sequence[int]) -> np.ndarray:
     start = 0
     while done < len(tokens) - 1:
         window = tokens[start:start + C]
-        logp = _log_softmax(lm.logits_for(window))
+        logp = SE.log_softmax(lm.logits_for(window))
         targets = np.asarray(window[1:])
         first = done - start  # window position whose target is the first unscored token
         out[done:start + len(targets)] = -logp[np.arange(first, len(targets)), targets[first:]]
@@ -200,8 +194,7 @@ def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, se
         samplers[0].memory.hear_tokens(before + call)  # the session so far, as jam's memory has heard it
         call_notes = M.notes_of(call)
         for s in samplers:
-            s.begin(len(call_notes), CALL_S, float(np.mean([n.velocity for n in call_notes])),
-                    long_note_s([n.end - n.start for n in call_notes]), np.array([n.start for n in call_notes]))
+            s.begin_call(call_notes, CALL_S)
         model_out = generate(lm_sampler(lm, prompt), prompt, RESPONSE_S, samplers[0])
         base_out = generate(markov_sampler(baseline, prompt), prompt, RESPONSE_S, samplers[1])
         for name, resp in (("model", model_out), ("baseline", base_out), ("truth", truth)):

@@ -24,10 +24,11 @@ WEIGHTS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 HALF_ORDERS = (0.5, 1.0, 2.0, 4.0)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Over the last axis, in float64 (eval's windows and the streamed tokens alike)."""
     x = x.astype(np.float64)
-    x = x - x.max()
-    return x - math.log(np.exp(x).sum())
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def stream(lm, docs: Sequence[Sequence[int]], variants: Sequence[tuple[str, int]] = VARIANTS) -> dict:
@@ -41,7 +42,7 @@ def stream(lm, docs: Sequence[Sequence[int]], variants: Sequence[tuple[str, int]
         logits = lm.prefill([doc[0]])
         window = [doc[0]]
         for tok in doc[1:]:
-            logp = _log_softmax(np.asarray(logits))
+            logp = log_softmax(np.asarray(logits))
             logp_all.append(logp[tok])
             if V.NOTE_ON <= tok < V.NOTE_OFF:
                 on = logp[V.NOTE_ON:V.NOTE_OFF]

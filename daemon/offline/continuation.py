@@ -21,7 +21,7 @@ from antiphon.daemon.answer import answer_decoder
 from antiphon.daemon.engine import Engine
 from antiphon.daemon.errors import UserError
 from antiphon.daemon.offline.render import ANSWER_TRACK
-from antiphon.daemon.sampling import Sampler, grammar_mask, jam_sampler, long_note_s
+from antiphon.daemon.sampling import Sampler, grammar_mask, jam_sampler
 
 DEFAULT_SECONDS = 8.0
 CALL_S = 8.0
@@ -81,10 +81,8 @@ def continue_file(in_path: str, out_path: str, seconds: float | None, bars: floa
                           follow_articulation, follow_rhythm)
     # The call is the input's last CALL_S seconds: the rate of what was just played, not of the piece.
     last = max(n.start for n in perf.notes)
-    recent = [n for n in perf.notes if n.start > last - CALL_S]
-    sampler.begin(len(recent), min(CALL_S, last - min(n.start for n in perf.notes)),
-                  sum(n.velocity for n in recent) / max(len(recent), 1), long_note_s([n.end - n.start for n in recent]),
-                  np.array([n.start for n in recent]))
+    sampler.begin_call([n for n in perf.notes if n.start > last - CALL_S],
+                       min(CALL_S, last - min(n.start for n in perf.notes)))
     context = codec.encode_performance(perf)
     answer = continue_tokens(engine, context, length, sampler)
 
