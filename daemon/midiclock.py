@@ -14,11 +14,15 @@ The song position is then the line itself, anchored by the last Start, Continue 
 Pointer, so ticks delivered late move neither the position nor the tempo.
 
 Tempo is a least-squares line through the last `window` on-line ticks (index, time), so one
-tick's jitter moves it by ~1/window of that jitter. Ticks off the line are left out of the fit;
-OFF_RUN successive ticks off the line on one side are a tempo change (or the source's own clock
-moving), and the line restarts from them. A change so large that the line would index those
-ticks wrongly shows in the raw intervals instead: OFF_RUN successive intervals that agree with
-each other but not with the line restart it with consecutive indices.
+tick's jitter moves it by ~1/window of that jitter. "Off the line" scales with the jitter seen
+(rtmidi stamps a JACK tick when the cycle after it runs: with 256-frame periods up to 5.3 ms
+late). A young line (under SLOPE_MIN_TICKS ticks) has too rough a slope to index by, so its ticks
+are indexed by their intervals. Ticks off the line are left out of the fit; OFF_RUN successive
+ticks off the line on one side are a tempo change (or the source's own clock moving), and the line
+restarts from them. A tick early on the line after another short interval is a faster tempo, not
+a repeat; one late after another long interval a slower tempo, not a lost tick. A change so large
+that the line would index its ticks wrongly shows in the raw intervals: OFF_RUN successive
+intervals that agree with each other but not with the line restart it with consecutive indices.
 
 Without any transport message (a clock source joined while its transport already rolled, or a
 DAW that sends no Start) ticks alone are taken as the transport running, beats counted from the
@@ -40,11 +44,19 @@ PPQN = 24
 CLOCK, START, CONTINUE, STOP, SONG_POSITION = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
 TICKS_PER_SPP_UNIT = 6  # Song Position Pointer counts sixteenth notes
 
-# A tick this far off the line (or a tenth of a tick period, if more) counts as "off"; the local
-# jitter of JACK's dummy driver here is 0.5 ms median, 2 ms p99. OFF_RUN successive offs on one
+# A tick this far off the line (or a tenth of a tick period, or JITTER_K times the mean distance
+# of recent ticks from the line, if more; at most OFF_LINE_MAX of a period) counts as "off". The
+# local jitter of JACK's dummy driver here is 0.5 ms median, 2 ms p99 with real-time scheduling,
+# several ms without; a USB or network MIDI clock can be worse. OFF_RUN successive offs on one
 # side mean the tempo (or the source's clock) moved.
 OFF_LINE_S = 0.0025
+JITTER_K = 4.0
+JITTER_WINDOW = 32  # ticks the mean distance from the line averages over
+OFF_LINE_MAX = 0.2
 OFF_RUN = 3
+# A fit restarted with fewer ticks than this keeps the tempo it had and fits only where the line
+# lies: a slope from three jittered ticks can be several % off, a beat later tens of ms.
+SLOPE_MIN_TICKS = 12
 # Raw intervals that say "tempo change" must imply a tempo within this factor of the old one:
 # shorter ones are a late bunch arriving, longer ones a gap.
 TEMPO_JUMP = 2.5
@@ -95,6 +107,8 @@ class ClockFollower:
         self._head = 0  # slot of the next sample
         self._n = 0  # samples in the fit
         self._period = 0.0  # kept across restarts: the best guess for indexing the next ticks
+        self._prior = 0.0  # the tempo a restarted fit keeps until it has SLOPE_MIN_TICKS ticks
+        self._jitter = 0.0  # mean distance of recent on-line ticks from the line
         self._line = 0.0  # the line's time at index self._index
         self._index = 0  # index of the latest counted tick (free-running; song position = index + _offset)
         # Raw times of the latest ticks heard (repeats too) and the index each was given, for
@@ -146,6 +160,7 @@ class ClockFollower:
         # The next tick re-anchors the song position, and may start a new tick grid (JACK's
         # transport restarts its ticks at the located frame): the fit starts over, tempo kept.
         self._n = 0
+        self._prior = self._period
         self._raw_n = 0
         self._offs.clear()
 
@@ -160,14 +175,17 @@ class ClockFollower:
         else:
             self._raw_push(t)
             d = (t - (self._line + p)) / p  # periods past where the next tick belongs
-            if self._tempo_jumped():
+            if self._young():
+                d = gap / p - 1  # a young line's slope is too rough to index by: the interval does
+            if not self._young() and self._tempo_jumped():
                 self._restart_consecutive()
-            elif d < -0.5:
+            elif d < -0.5 and not self._faster(gap, p):
                 self.repeats += 1  # a repeat, or one of a late bunch: its index is already counted
             else:
                 if gap > BRIDGE_S:
                     self._n = 0  # keep the position the line gives, but fit the tempo afresh
-                self._count(1 + max(0, round(d)), t)
+                    self._prior = 0.0
+                self._count(1 if self._slower(gap, p) else 1 + max(0, round(d)), t)
         if self._running and not self._locked:
             self._offset, self._locked = self._next_tick - self._index, True
         elif not self._running and not self._heard_transport:
@@ -185,11 +203,14 @@ class ClockFollower:
             self._raw_push(t)
         self._raw_idx[-1] = self._index
         res = t - self._line
-        if self._n == 0 or p <= 0 or abs(res) <= max(OFF_LINE_S, 0.1 * p):
+        if self._n == 0 or p <= 0 or self._young() or abs(res) <= self._off_line(p):
+            if self._n > 0 and p > 0:
+                self._jitter += (abs(res) - self._jitter) / JITTER_WINDOW
             self._offs.clear()
             self._add(t)
             return
         self.late += 1
+        self._jitter += (self._off_line(p) - self._jitter) / JITTER_WINDOW  # off by at least this much
         if self._offs and (res > 0) != (self._offs[-1][2] > 0):
             self._offs.clear()
         self._offs.append((self._index, t, res))
@@ -219,7 +240,7 @@ class ClockFollower:
             return False
         iv = [raw[i + 1] - raw[i] for i in range(len(raw) - 1)]
         lo, hi = min(iv), max(iv)
-        tol = max(OFF_LINE_S, 0.1 * p)
+        tol = self._off_line(p)
         return (hi - lo <= 2 * tol and (lo > p + tol or hi < p - tol)
                 and p / TEMPO_JUMP <= lo and hi <= p * TEMPO_JUMP)
 
@@ -228,12 +249,32 @@ class ClockFollower:
         self.restarts += 1
         first = self._raw_idx[0]
         self._n = 0
+        self._prior = 0.0  # a new tempo: the raw ticks' own slope
         self._offs.clear()
         for i, t in enumerate(self._raw):
             self._put(first + i, t)
             self._raw_idx[i] = first + i
         self._index = first + len(self._raw) - 1
         self._fit()
+
+    def _faster(self, gap: float, p: float) -> bool:
+        """Early on the line, but a tick's interval after another short one: the tempo went up (a
+        repeat or a late bunch arrives with no interval; the first tick after a stall, after a long one)."""
+        prev = self._raw[-2] - self._raw[-3] if self._raw_n >= 3 else 0.0
+        return gap >= 0.5 * p and 0.5 * p <= prev <= 0.95 * p
+
+    def _slower(self, gap: float, p: float) -> bool:
+        """Late on the line, but a tick's interval after another long one, neither long enough to
+        hold a lost tick: the tempo went down."""
+        prev = self._raw[-2] - self._raw[-3] if self._raw_n >= 3 else 0.0
+        return 1.05 * p <= gap <= 1.6 * p and 1.05 * p <= prev <= 1.6 * p
+
+    def _young(self) -> bool:
+        """Too few ticks in the fit (and no tempo kept) for its line to say a tick is off or lost."""
+        return self._n < SLOPE_MIN_TICKS and self._prior <= 0
+
+    def _off_line(self, p: float) -> float:
+        return min(max(OFF_LINE_S, 0.1 * p, JITTER_K * self._jitter), OFF_LINE_MAX * p)
 
     def _add(self, t: float) -> None:
         self._put(self._index, t)
@@ -253,6 +294,8 @@ class ClockFollower:
         if n == 1:
             self._line = y0 + (self._index - x0) * self._period
             return
+        if n >= SLOPE_MIN_TICKS:
+            self._prior = 0.0
         # x: index relative to the newest sample, y: time relative to it (small, exact floats)
         sx = sy = sxx = sxy = 0.0
         for k in range(n):
@@ -265,7 +308,7 @@ class ClockFollower:
         den = n * sxx - sx * sx
         if den <= 0:
             return
-        slope = (n * sxy - sx * sy) / den
+        slope = self._prior if self._prior > 0 else (n * sxy - sx * sy) / den
         self._period = slope
         self._line = y0 + (sy - slope * sx) / n + slope * (self._index - x0)
 

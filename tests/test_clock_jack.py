@@ -1,14 +1,16 @@
 """antiphon following Debian's jack_midi_clock (an independent MIDI clock, driven by jack_transport
 as a DAW drives it), end to end over a real JACK server. The rig is daemon/rigs/clocksession.py;
-truth is the clock source's own ticks as a separate listener hears them, counted the MIDI way.
+truth is the clock source's own ticks as a separate listener hears them, counted (not placed on a
+nominal grid: without real-time scheduling JACK's dummy driver runs 1-2 % slow) the MIDI way.
 
-Stated tolerances, for a busy 2-core box (measured figures: docs/clock.md, typically under 1 ms):
+Stated tolerances, for a busy 2-core box with or without real-time scheduling (measured figures:
+docs/clock.md, typically a few ms):
 - every phrase gets an answer, and its first note is placed on a beat by antiphon's --trace
-  (within 0.02 beat of a whole beat: the line may move a little between placing and sending);
-- that beat is the same song position the source was at (within 0.03 beat, 18 ms at 100 bpm:
-  one miscounted tick is 1/24 = 0.042 beat off, a lost Start whole beats);
-- the note is heard by the player between 10 ms before and 40 ms after the source's beat (one
-  JACK hop is 1.3 ms; the relay adds a hop; 40 sessions here saw up to ~32 ms under load).
+  (within 0.1 beat of a whole beat: the line may move a little between placing and sending);
+- that beat is the song position the source was at, within 0.07 beat: a JACK cycle lost around a
+  Start takes tick 0 away, and the MIDI spec makes the next tick beat 0 (one tick = 0.042 beat);
+- the note is heard by the player between 35 ms before (that lost tick) and 60 ms after (a busy
+  box) the source's beat.
 """
 
 from __future__ import annotations
@@ -23,39 +25,64 @@ from antiphon.daemon.rigs import clocksession as C
 from antiphon.daemon.rigs.jackprobe import Probe
 
 
-def assert_on_the_sources_beats(s: C.Session) -> None:
-    shown = [a.__dict__ for a in s.answers]
-    assert s.all_answered, (shown, s.log[-2000:])
+def report(s: C.Session) -> None:
+    """Everything a failure needs, printed whole (pytest shortens long assertion messages)."""
+    runs = [(r.first, int(r.idx[-1]), round(1000 * r.period, 3)) for r in s.source.runs]
+    print(f"{s.scenario}: transport heard {s.transport!r}; listener's runs (first, last index, period ms) {runs}, "
+          f"{s.source.missing} ticks it lost, {s.source.unplaced} runs it cannot place")
     for a in s.answers:
-        assert a.traced_beats is not None, (shown, s.log[-2000:])
+        print("  ", a)
+    print("antiphon's log:\n" + s.log)
+
+
+def assert_on_the_sources_beats(s: C.Session) -> None:
+    report(s)
+    unanswered = [a.phrase for a in s.answers if not a.answered]
+    # A call whose note-off JACK dropped is answered late or not in its window, by design.
+    assert len(unanswered) <= s.calls_cut_short, f"phrases {unanswered} got no answer"
+    for a in s.answers:
+        if not a.answered:
+            continue
+        assert a.traced_beats is not None, f"phrase {a.phrase} answered in free time"
         beat = round(a.traced_beats)
         # The trace states the due time's position on the tempo line as refitted at the send, a few
         # hundred ms and several ticks after the answer was placed: early in a run the refit has moved it
-        # by up to 0.05 beat. The source's own count, below, says whether it is the right beat.
-        assert abs(a.traced_beats - beat) < 0.1, shown
-        # On the source's beat, not the one before or after; how close is the report's business
-        # (docs/clock.md): on this 2-core box, late phrases have drifted 20-50 ms behind the source
-        # in some runs (seen 2026-12-01, quiet machine), which is an open problem, not a pass mark.
-        assert a.source_beat is not None and abs(a.source_beat - beat) < 0.15, shown
-        assert a.heard_ms is not None and -10.0 <= a.heard_ms <= 100.0, shown
-    print(f"{s.scenario}: heard minus the source's beat " + ", ".join(f"{a.heard_ms:.2f} ms" for a in s.answers))
+        # by up to 0.05 beat.
+        assert abs(a.traced_beats - beat) < 0.1, f"phrase {a.phrase} placed off the beat"
+        if a.source_beat is None:
+            # The listener lost the Start/Continue in front of this run (JACK dropped its cycle): it
+            # cannot say which beat the source was at.
+            assert s.source.unplaced, f"phrase {a.phrase}: no source beat"
+            continue
+        # The source's beat: a JACK cycle lost around a Start takes its tick 0 away, and then, by
+        # the MIDI spec, the next tick is beat 0: one tick (0.042 beat) off is antiphon following
+        # what it heard. Two ticks off is not.
+        assert abs(a.source_beat - beat) < 0.07, f"phrase {a.phrase} not on the source's beat"
+        # Heard by the player within a tick before (see above) and what a musician would call late after.
+        assert a.heard_ms is not None and -35.0 <= a.heard_ms <= 60.0, f"phrase {a.phrase} heard off the beat"
+    print(f"{s.scenario}: heard minus the source's beat " + ", ".join(f"{a.heard_ms:.2f} ms" for a in s.answers
+                                                                      if a.heard_ms is not None))
 
 
 @pytest.mark.parametrize("scenario", C.SCENARIOS)
 def test_answers_start_on_the_beats_of_jack_midi_clock(jack, jam_model, jack_midi_clock, tmp_path, scenario):
     s = C.run_session(jack, jam_model, scenario, tmp_path, phrases=3, name=f"clk-{scenario}")
     assert_on_the_sources_beats(s)
+    # The scenario happened: the transport messages the listener heard, or else antiphon (its
+    # recording marks them): JACK may drop a cycle's messages for one client, seldom for both.
+    (mid,) = (tmp_path / f"clk-{scenario}-rec").glob("*.mid")
+    markers = [m.text for m in mido.MidiFile(str(mid)).tracks[0] if m.type == "marker"]
+    marked_transport = "".join({"start": "S", "continue": "C", "stop": "P"}.get(m, "") for m in markers)
+    heard = s.transport if len(s.transport) >= len(marked_transport) else marked_transport
     if scenario == "stopped":
-        assert s.transport.startswith("S")
-        (mid,) = (tmp_path / f"clk-{scenario}-rec").glob("*.mid")
-        markers = [m.text for m in mido.MidiFile(str(mid)).tracks[0] if m.type == "marker"]
+        assert heard.startswith("S"), (s.transport, markers)
         marked = [float(m.split()[-1]) for m in markers if m.startswith("answer at beat ")]
-        assert [round(b) for b in marked] == [round(a.traced_beats) for a in s.answers], markers
+        assert [round(b) for b in marked] == [round(a.traced_beats) for a in s.answers if a.answered], markers
         assert all(abs(b - round(b)) < 0.1 for b in marked), markers
     elif scenario == "rolling":
-        assert not s.transport.startswith("S")  # the source joined mid-roll: no Start was ever sent
+        assert "S" not in s.transport + marked_transport  # the source joined mid-roll: no Start was ever sent
     elif scenario == "locate":
-        assert "C" in s.transport and s.transport.count("S") >= 2  # Continue from a locate, and a Start from 0
+        assert "C" in heard and heard.count("S") >= 2, (s.transport, markers)  # Continue from a locate, Start from 0
         assert len(s.source.runs) >= 3
     else:
         assert s.relay_dropped >= 5  # ticks really were kept from antiphon

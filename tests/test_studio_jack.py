@@ -11,9 +11,9 @@ would call late fails, jackclient.LATE_S, so that a loaded machine passes):
   an xrun would put every later beat a whole tick (21-28 ms) late; the daemon fills a tick missing
   from a steady clock, and this test met that case on a busy box before it did;
 - 0xFC, panic: every answer note closed within LATE_S of the message at the probe;
-- end-of-call CC: the answer starts well before the 300 ms wait would have ended (within 150 ms of
-  the CC: the engine first has the scheduler drop its speculation, then decodes the first note,
-  on a core it may share with other work; 10-30 ms idle);
+- end-of-call CC: the answer starts before the 300 ms wait would have ended (the engine first has
+  the scheduler drop its speculation, then decodes the first note, on a core it may share with
+  other work: 10-30 ms idle, 210 ms seen on a busy box without real-time scheduling);
 - flood: 10,000 messages/s for 10 s (40 % notes, 30 % mod wheel, 30 % aftertouch); VmRSS may grow
   by at most 16 MB (the queues are bounded at 4096 + 128 messages; an unbounded queue behind the
   slower engine would hold tens of thousands). The box xruns under it and JACK loses some messages
@@ -217,7 +217,9 @@ def test_live_controls_switch_off_panic_temperature_and_end_call(rig):
     t_cc = probe.send([0xB0, 24, 127])
     probe.send([0xB0, 24, 0])
     first = H.wait_first_note(probe, t_last, proc=proc)
-    assert first - t_cc <= WAIT / 2, f"answer began {1000 * (first - t_cc):.1f} ms after end-of-call"
+    # Sooner than the wait would have let it (idle: 10-30 ms after the CC; on a busy box without
+    # real-time scheduling the engine has taken 210 ms to decode the first note).
+    assert first < t_last + WAIT - 0.03, f"answer began {1000 * (first - t_cc):.1f} ms after end-of-call"
     print(f"controls: end-of-call to first note {1000 * (first - t_cc):.2f} ms (wait would be {1000 * WAIT:.0f} ms)")
     H.sleep_past_answer(t_last)
     assert_closed(rig, t_off)

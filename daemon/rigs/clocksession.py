@@ -48,8 +48,11 @@ from antiphon.daemon.rigs.jackserver import JackServer, orphan_safe
 BPM = 100.0
 PPQN = 24
 WAIT_MS = 300
+# --max-note-s 2: a call whose note-off JACK lost (a dropped cycle under load) is answered 2 s
+# later, inside its phrase's 4.5 s, instead of after the next phrase has begun.
 JAM_ARGS = ["--api", "jack", "--seed", "1", "--wait-ms", str(WAIT_MS), "--answer-min-s", "1.0",
-            "--answer-max-s", "1.5"]
+            "--answer-max-s", "1.5", "--max-note-s", "2"]
+LOST_NOTE_OFF = "taking them as released (a lost note-off?)"  # the jam's log, when it heals a held key
 PHRASE = [(0.25 * i + d, [0x90 if d == 0 else 0x80, p, 90 if d == 0 else 0])
           for i, p in enumerate((60, 62, 64, 67)) for d in (0.0, 0.2)]
 PHRASE_GAP_S = 4.5  # one phrase every this many seconds: the answer (<= 1.5 s, from <= 1.9 s) is over by 3.4 s
@@ -146,67 +149,115 @@ def _tap_child(name: str, drops: list[int] | None) -> None:
 # --------------------------------------------------------------------------- the source's own beats
 
 @dataclass
-class SourceBeats:
-    """Song position → time, as the clock source placed it: one fitted line per run of ticks."""
+class TickRun:
+    """Ticks heard without a transport message between them: `first` is the song position of the
+    run's tick 0 (None: the listener lost the message that says where the run starts)."""
 
-    runs: list[tuple[int, int, float, float]] = field(default_factory=list)  # first, last tick, time of tick 0, period
+    first: int | None
+    idx: np.ndarray  # each heard tick's index in the run (gaps: ticks the listener lost)
+    t: np.ndarray  # when the listener heard it
+
+    def span(self, margin_ticks: float) -> tuple[float, float]:
+        p = self.period
+        return float(self.t[0] - margin_ticks * p), float(self.t[-1] + margin_ticks * p)
+
+    @property
+    def period(self) -> float:
+        return float(np.polyfit(self.idx, self.t, 1)[0]) if len(self.t) > 2 else 60.0 / (PPQN * BPM)
+
+    def local_line(self, index: float) -> tuple[float, float]:
+        """(period, time of index 0) fitted to the PPQN ticks nearest `index`: the source's clock
+        need not keep one rate for the whole run (JACK's dummy driver without real-time scheduling
+        runs 1-2 % slow, and unevenly)."""
+        near = np.argsort(np.abs(self.idx - index))[:PPQN]
+        if len(near) < 3:
+            return self.period, float(self.t[0] - self.idx[0] * self.period)
+        period, t0 = np.polyfit(self.idx[near], self.t[near], 1)
+        return float(period), float(t0)
+
+
+@dataclass
+class SourceBeats:
+    """Song position → time, as the clock source placed it: its ticks counted, run by run."""
+
+    runs: list[TickRun] = field(default_factory=list)
     ticks: int = 0  # ticks the listener heard
-    missing: int = 0  # ticks the lines say the listener did not hear
+    missing: int = 0  # ticks the count says the listener did not hear
+    unplaced: int = 0  # runs after a Stop with no Start/Continue heard: the listener lost it
 
     @classmethod
     def from_heard(cls, heard: list[tuple[float, list[int]]], bpm: float = BPM) -> SourceBeats:
+        """Ticks are counted, not placed on a nominal grid: the source's clock may run slower or faster
+        than the listener's (by 1.3 % on a non-real-time dummy driver: a grid at the nominal tempo
+        gains a tick every 3 s). An interval of about k median periods is k ticks (k - 1 lost);
+        the song position starts at 0 after Start and where the transport stopped after Continue."""
         p0 = 60.0 / (PPQN * bpm)
         out = cls()
-        pos = 0  # the song position the next tick has (MIDI: Start → 0; Continue → where it stopped)
+        pos: int | None = 0  # the song position the next tick has; None: unknown
         run: list[float] = []
-        first = 0
-        began = None
+        began: tuple[float, int] | None = None  # the transport message in front of the run
+        stopped = False
 
         def close_run() -> None:
             nonlocal pos
             if not run:
                 return
-            idx = np.round((np.asarray(run) - run[0]) / p0)
-            period, t0 = np.polyfit(idx, np.asarray(run), 1) if len(run) > 2 else (p0, run[0])
-            last = first + int(idx[-1])
-            out.runs.append((first, last, float(t0) - first * float(period), float(period)))
-            out.ticks += len(run)
-            out.missing += int(idx[-1]) + 1 - len(set(idx.tolist()))
-            pos = last + 1
+            t = np.asarray(run)
+            iv = np.diff(t)
+            steady = iv[(iv > 0.5 * p0) & (iv < 1.5 * p0)]
+            p = float(np.median(steady)) if len(steady) else p0
+            idx = np.concatenate([[0], np.cumsum(np.maximum(1, np.round(iv / p)))]).astype(int)
+            first = pos
+            if began is not None and first is not None:
+                # jack_midi_clock sends a Start, and tick 0 when the transport rolls: one cycle later,
+                # or (JACK without real-time scheduling) up to half a period later. A Continue comes
+                # with the roll, its first tick one period after. Later than that: ticks lost.
+                late = int(np.floor((t[0] - began[0]) / p + 0.25)) - (1 if began[1] == 0xFB else 0)
+                first += max(0, late)
+            out.runs.append(TickRun(first, idx, t))
+            out.ticks += len(t)
+            out.missing += int(idx[-1]) + 1 - len(t)
+            pos = None if first is None else first + int(idx[-1]) + 1
 
         for t, m in heard:
             if m[0] == 0xF8:
-                if not run:
-                    first = pos
-                    if began is not None:
-                        # Continue: jack_midi_clock's first tick comes one period after it; Start: with it.
-                        first += max(0, round((t - began[0]) / p0) - (1 if began[1] == 0xFB else 0))
+                if not run and began is None and stopped:
+                    out.unplaced += 1
+                    pos = None
                 run.append(t)
             elif m[0] in (0xFA, 0xFB, 0xFC):
                 close_run()
                 run = []
                 if m[0] == 0xFA:
                     pos = 0
+                stopped = m[0] == 0xFC
                 began = (t, m[0]) if m[0] != 0xFC else None
         close_run()
         return out
 
-    def _run_at(self, t: float) -> tuple[int, int, float, float] | None:
+    def _run_at(self, t: float) -> TickRun | None:
         """The run of ticks playing at time t (song positions repeat after a Start: time decides)."""
         for run in reversed(self.runs):
-            first, last, t0, period = run
-            if t0 + (first - PPQN) * period <= t <= t0 + (last + 4 * PPQN) * period:
+            lo, hi = run.span(PPQN)
+            if lo <= t <= hi + 3 * PPQN * run.period:
                 return run
         return None
 
     def beat_at(self, t: float) -> float | None:
         run = self._run_at(t)
-        return None if run is None else (t - run[2]) / run[3] / PPQN
+        if run is None or run.first is None:
+            return None
+        period, t0 = run.local_line(run.idx[np.argmin(np.abs(run.t - t))])
+        return (run.first + (t - t0) / period) / PPQN
 
     def time_of(self, beat: float, near: float) -> float | None:
         """When the source played song position `beat` in the run playing at time `near`."""
         run = self._run_at(near)
-        return None if run is None else run[2] + beat * PPQN * run[3]
+        if run is None or run.first is None:
+            return None
+        index = beat * PPQN - run.first
+        period, t0 = run.local_line(index)
+        return t0 + index * period
 
 
 # --------------------------------------------------------------------------- one session
@@ -234,6 +285,11 @@ class Session:
     @property
     def all_answered(self) -> bool:
         return all(a.answered for a in self.answers)
+
+    @property
+    def calls_cut_short(self) -> int:
+        """Calls whose note-off JACK lost on the way to antiphon, by antiphon's log."""
+        return self.log.count(LOST_NOTE_OFF)
 
 
 def start_jam(jack: JackServer, model: str, client: str, *extra: str) -> subprocess.Popen:
@@ -389,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps([a.__dict__ for a in s.answers]), flush=True)
             if not s.all_answered:
-                print(f"  transport heard {s.transport!r}; source runs (first, last tick, t0, period) {s.source.runs}",
+                runs = [(r.first, int(r.idx[-1]), round(r.period * 1000, 3)) for r in s.source.runs]
+                print(f"  transport heard {s.transport!r}; source runs (first, last index, period ms) {runs}",
                       flush=True)
                 print("  its log: " + " | ".join(s.log.strip().splitlines()[-12:]), flush=True)
         stalls = jack._stalls()
