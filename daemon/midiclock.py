@@ -57,6 +57,9 @@ OFF_RUN = 3
 # A fit restarted with fewer ticks than this keeps the tempo it had and fits only where the line
 # lies: a slope from three jittered ticks can be several % off, a beat later tens of ms.
 SLOPE_MIN_TICKS = 12
+# Two successive long intervals this close (in periods) are a slower tempo; a late tick followed
+# by a lost one gives two unequal ones (seen over JACK: 29 ms then 40 ms at 25 ms a tick).
+SAME_INTERVAL = 0.2
 # Raw intervals that say "tempo change" must imply a tempo within this factor of the old one:
 # shorter ones are a late bunch arriving, longer ones a gap.
 TEMPO_JUMP = 2.5
@@ -267,7 +270,7 @@ class ClockFollower:
         """Late on the line, but a tick's interval after another long one, neither long enough to
         hold a lost tick: the tempo went down."""
         prev = self._raw[-2] - self._raw[-3] if self._raw_n >= 3 else 0.0
-        return 1.05 * p <= gap <= 1.6 * p and 1.05 * p <= prev <= 1.6 * p
+        return 1.05 * p <= gap <= 1.6 * p and 1.05 * p <= prev <= 1.6 * p and abs(gap - prev) <= SAME_INTERVAL * p
 
     def _young(self) -> bool:
         """Too few ticks in the fit (and no tempo kept) for its line to say a tick is off or lost."""

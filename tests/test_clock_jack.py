@@ -28,7 +28,7 @@ from antiphon.daemon.rigs.jackprobe import Probe
 def report(s: C.Session) -> None:
     """Everything a failure needs, printed whole (pytest shortens long assertion messages)."""
     runs = [(r.first, int(r.idx[-1]), round(1000 * r.period, 3)) for r in s.source.runs]
-    print(f"{s.scenario}: transport heard {s.transport!r}; listener's runs (first, last index, period ms) {runs}, "
+    print(f"{s.scenario}: transport heard {s.transport!r} (antiphon: {s.antiphon_transport!r}); listener's runs (first, last index, period ms) {runs}, "
           f"{s.source.missing} ticks it lost, {s.source.unplaced} runs it cannot place")
     for a in s.answers:
         print("  ", a)
@@ -37,12 +37,13 @@ def report(s: C.Session) -> None:
 
 def assert_on_the_sources_beats(s: C.Session) -> None:
     report(s)
+    # Phrases after a transport message that JACK dropped for antiphon or for the listener (they
+    # heard different Start/Continue/Stop sequences) have no common beat: answered is all they owe.
     unanswered = [a.phrase for a in s.answers if not a.answered]
     # A call whose note-off JACK dropped is answered late or not in its window, by design.
     assert len(unanswered) <= s.calls_cut_short, f"phrases {unanswered} got no answer"
-    for a in s.answers:
-        if not a.answered:
-            continue
+    judged = [a for a in s.answers if a.answered and a.judged]
+    for a in judged:
         assert a.traced_beats is not None, f"phrase {a.phrase} answered in free time"
         beat = round(a.traced_beats)
         # The trace states the due time's position on the tempo line as refitted at the send, a few
@@ -54,10 +55,20 @@ def assert_on_the_sources_beats(s: C.Session) -> None:
             # cannot say which beat the source was at.
             assert s.source.unplaced, f"phrase {a.phrase}: no source beat"
             continue
+        off_ticks = (a.source_beat - beat) * C.PPQN
+        if s.scenario == "rolling":
+            # No Start: each client counts beats from the first tick it heard, and the listener
+            # (connected first) may have heard a tick or two more. The bar is a guess (docs/clock.md);
+            # the answers must still sit on the source's ticks, all at one offset.
+            a0 = next(x for x in judged if x.source_beat is not None)
+            counts_apart = (a.source_beat - a.traced_beats) * C.PPQN
+            assert abs(counts_apart - (a0.source_beat - a0.traced_beats) * C.PPQN) < 0.5, \
+                f"phrase {a.phrase} moved against the source's ticks"
+            continue
         # The source's beat: a JACK cycle lost around a Start takes its tick 0 away, and then, by
         # the MIDI spec, the next tick is beat 0: one tick (0.042 beat) off is antiphon following
         # what it heard. Two ticks off is not.
-        assert abs(a.source_beat - beat) < 0.07, f"phrase {a.phrase} not on the source's beat"
+        assert abs(off_ticks) < 1.7, f"phrase {a.phrase} not on the source's beat"
         # Heard by the player within a tick before (see above) and what a musician would call late after.
         assert a.heard_ms is not None and -35.0 <= a.heard_ms <= 60.0, f"phrase {a.phrase} heard off the beat"
     print(f"{s.scenario}: heard minus the source's beat " + ", ".join(f"{a.heard_ms:.2f} ms" for a in s.answers
@@ -72,7 +83,7 @@ def test_answers_start_on_the_beats_of_jack_midi_clock(jack, jam_model, jack_mid
     # recording marks them): JACK may drop a cycle's messages for one client, seldom for both.
     (mid,) = (tmp_path / f"clk-{scenario}-rec").glob("*.mid")
     markers = [m.text for m in mido.MidiFile(str(mid)).tracks[0] if m.type == "marker"]
-    marked_transport = "".join({"start": "S", "continue": "C", "stop": "P"}.get(m, "") for m in markers)
+    marked_transport = s.antiphon_transport
     heard = s.transport if len(s.transport) >= len(marked_transport) else marked_transport
     if scenario == "stopped":
         assert heard.startswith("S"), (s.transport, markers)

@@ -28,6 +28,7 @@ prints `H t b..`; with DROP numbers it also forwards to NAME-out:out, dropping t
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import subprocess
@@ -270,6 +271,9 @@ class Answer:
     source_beat: float | None = None  # that note's due time as a song position of the source
     sent_ms: float | None = None  # sent minus the source's time of the traced beat
     heard_ms: float | None = None  # heard by the player minus the source's time of the traced beat
+    # False after a transport message that JACK dropped for antiphon or for the listener (they heard
+    # different Start/Continue/Stop sequences from there on): which beat is right is then unknowable.
+    judged: bool = True
 
 
 @dataclass
@@ -281,6 +285,7 @@ class Session:
     relay_dropped: int = 0  # ticks the relay kept from antiphon
     transport: str = ""  # the transport messages the listener heard, in order: S(tart) C(ontinue) P (stop)
     workdir: Path = Path()
+    antiphon_transport: str = ""  # the same, as antiphon's recording marks them
 
     @property
     def all_answered(self) -> bool:
@@ -393,8 +398,28 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
             a.heard_ms = 1000 * (heard[0] - src_t) if heard else None
         answers.append(a)
     dropped = sum(1 for d in RELAY_DROPS if d <= source.ticks) if relay else 0
-    heard_transport = "".join({0xFA: "S", 0xFB: "C", 0xFC: "P"}.get(m[0], "") for _, m in ref.heard)
-    return Session(scenario, answers, log, source, dropped, heard_transport, workdir)
+    moves = [(t, TRANSPORT_LETTERS[m[0]]) for t, m in ref.heard if m[0] in TRANSPORT_LETTERS]
+    heard_transport = "".join(letter for _, letter in moves)
+    theirs = recorded_transport(workdir / f"{name}-rec")
+    split = next((i for i, (a, b) in enumerate(zip(heard_transport, theirs)) if a != b),
+                 min(len(heard_transport), len(theirs)))
+    if heard_transport != theirs:
+        since = moves[split][0] if split < len(moves) else moves[-1][0] if moves else -math.inf
+        for a, t_off in zip(answers, offs):
+            a.judged = t_off < since
+    return Session(scenario, answers, log, source, dropped, heard_transport, workdir, theirs)
+
+
+TRANSPORT_LETTERS = {0xFA: "S", 0xFB: "C", 0xFC: "P"}
+
+
+def recorded_transport(rec_dir: Path) -> str:
+    """The transport messages antiphon heard, from the markers of its --record file."""
+    import mido
+
+    letters = {"start": "S", "continue": "C", "stop": "P"}
+    return "".join(letters.get(m.text, "") for mid in sorted(rec_dir.glob("*.mid"))
+                   for m in mido.MidiFile(str(mid)).tracks[0] if m.type == "marker")
 
 
 # --------------------------------------------------------------------------- the report
