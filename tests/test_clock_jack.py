@@ -22,6 +22,7 @@ import mido
 import pytest
 
 from antiphon.daemon.rigs import clocksession as C
+from antiphon.daemon.rigs.clocklisten import PPQN
 from antiphon.daemon.rigs.jackprobe import Probe
 
 
@@ -55,14 +56,14 @@ def assert_on_the_sources_beats(s: C.Session) -> None:
             # cannot say which beat the source was at.
             assert s.source.unplaced, f"phrase {a.phrase}: no source beat"
             continue
-        off_ticks = (a.source_beat - beat) * C.PPQN
+        off_ticks = (a.source_beat - beat) * PPQN
         if s.scenario == "rolling":
             # No Start: each client counts beats from the first tick it heard, and the listener
             # (connected first) may have heard a tick or two more. The bar is a guess (docs/clock.md);
             # the answers must still sit on the source's ticks, all at one offset.
             a0 = next(x for x in judged if x.source_beat is not None)
-            counts_apart = (a.source_beat - a.traced_beats) * C.PPQN
-            assert abs(counts_apart - (a0.source_beat - a0.traced_beats) * C.PPQN) < 0.5, \
+            counts_apart = (a.source_beat - a.traced_beats) * PPQN
+            assert abs(counts_apart - (a0.source_beat - a0.traced_beats) * PPQN) < 0.5, \
                 f"phrase {a.phrase} moved against the source's ticks"
             continue
         # The source's beat: a JACK cycle lost around a Start takes its tick 0 away, and then, by
