@@ -150,10 +150,11 @@ def play(keys: Any, phrases: list, wait_s: float) -> Session:
         if k == 1 and s.firsts[0] is not None:
             # Cut in on the first answer, as a player who has heard enough does.
             time.sleep(max(0.0, s.firsts[0] + BARGE_AFTER_S - time.perf_counter()))
-            s.barge_at = time.perf_counter()
         elif k > 0:
             keys.wait_quiet(QUIET_S, timeout=30.0)
         sent = keys.play(phrase)
+        if k == 1 and s.firsts[0] is not None:
+            s.barge_at = sent[0]  # when its first note went out: handing the phrase over takes a while on a busy box
         s.calls.append(phrase)
         s.ends.append(sent[-1])
         s.firsts.append(first_note(keys, sent[-1], timeout=wait_s + ANSWER_TIMEOUT_S))
