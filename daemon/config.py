@@ -96,6 +96,8 @@ class TuneConfig:
     force: bool = _f(False, "overwrite an existing output file")
     minutes: float = _f(10.0, "fine-tuning time on this machine; the step count is sized to it by timing a few "
                               "steps first (evaluation and export take about 1-2 minutes more)")
+    steps: int = _f(0, "fine-tuning steps, whatever the time (0: as many as --minutes allows); the same run "
+                       "twice then trains the same model")
     replay: float = _f(0.25, "share of training windows replayed from the model's original kind of music (the "
                              "packaged replay shard) so it does not forget what you have not played; costs that "
                              "share of the steps")

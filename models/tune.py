@@ -311,6 +311,8 @@ def tune(cfg: TuneConfig, dirs: list[str], log) -> dict[str, Any]:
         raise UserError(f"--replay must be in [0, 1): the share of windows from the replay shard, got {cfg.replay}")
     if cfg.minutes <= 0:
         raise UserError(f"--minutes must be positive, got {cfg.minutes}")
+    if cfg.steps < 0:
+        raise UserError(f"--steps must be 0 (size to --minutes) or more, got {cfg.steps}")
     out = check_output(cfg, cfg.model)
     t_start = time.perf_counter()
     recs, skipped = collect(dirs, log)
@@ -343,7 +345,8 @@ def tune(cfg: TuneConfig, dirs: list[str], log) -> dict[str, Any]:
                         init=str(work / "parent.pt"), seed=cfg.seed, device="cpu", threads=cfg.threads)
         sampler = D.WindowSampler(D.load_split(str(corpus), "train", seq_len + 1, with_kinds=True), seq_len)
         step_s = calibrate(m, t, *sampler.batch(cfg.batch_size, D.step_rng(0, 0, 0)))
-        steps = max(1, int(cfg.minutes * 60 / step_s) - 2)  # two steps' worth for train's own two evaluations
+        # Two steps' worth of the time go to train's own two evaluations.
+        steps = cfg.steps if cfg.steps > 0 else max(1, int(cfg.minutes * 60 / step_s) - 2)
         t = dataclasses.replace(t, steps=steps, eval_every=steps, warmup_steps=min(cfg.warmup_steps, steps // 4))
         log(f"fine-tuning {steps} steps of {cfg.batch_size} x {seq_len} tokens ({step_s:.2f} s each here, now), "
             f"{1 - cfg.replay:.0%} of windows from your recordings, {cfg.replay:.0%} replay"

@@ -180,7 +180,9 @@ def jams(tmp_path_factory) -> Path:
 def test_tune_end_to_end(tiny_model, jams, tmp_path, capsys):
     out = tmp_path / "mine.onnx"
     rc, text = run_cli(capsys, str(jams), "--model", str(tiny_model.checkpoint), "-o", str(out), "--fp32",
-                       "--minutes", "0.06", "--lr", "3e-3", "--phrases", "2", "--threads", "1", "--seq-len", "64")
+                       "--steps", "60", "--lr", "3e-3", "--phrases", "2", "--threads", "1", "--seq-len", "64")
+    # --steps, not --minutes: a step count sized to the time varied with the machine's load, and
+    # with it the tuned tiny model, whose int8 copy now and then missed the export's 95 % check.
     assert rc == 0, text
     assert "broken.mid" in text and "skipped" in text  # said, and went on
     report = json.loads(TU.report_path(out).read_text())
