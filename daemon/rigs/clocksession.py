@@ -39,7 +39,7 @@ import numpy as np
 from antiphon.daemon.jam import read_trace_beats
 from antiphon.daemon.rigs.clocklisten import BPM, SourceBeats, Tap
 from antiphon.daemon.rigs.jackprobe import Probe
-from antiphon.daemon.rigs.jackserver import JackServer, orphan_safe
+from antiphon.daemon.rigs.jackserver import JackServer, orphan_safe, terminate
 
 WAIT_MS = 300
 # --max-note-s 2: a call whose note-off JACK lost (a dropped cycle under load) is answered 2 s
@@ -114,13 +114,9 @@ def start_jam(jack: JackServer, model: str, client: str, *extra: str) -> subproc
 
 
 def stop_jam(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    """SIGTERM, and time to write the trace the session is judged by: a busy box has taken over 10 s
+    (how fast a jam shuts down is test_studio_jack's to judge; killed, it leaves no trace)."""
+    terminate(proc, grace_s=30.0)
     return Path(proc.log_path).read_text()  # type: ignore[attr-defined]
 
 
