@@ -20,7 +20,7 @@ late). A young line (under SLOPE_MIN_TICKS ticks) has too rough a slope to index
 are indexed by their intervals. Ticks off the line are left out of the fit; OFF_RUN successive
 ticks off the line on one side are a tempo change (or the source's own clock moving), and the line
 restarts from them. A tick early on the line after another short interval is a faster tempo, not
-a repeat; one late after another long interval a slower tempo, not a lost tick. A change so large
+a repeat; one late after another as long interval a slower tempo, not a lost tick. A change so large
 that the line would index its ticks wrongly shows in the raw intervals: OFF_RUN successive
 intervals that agree with each other but not with the line restart it with consecutive indices.
 
@@ -54,8 +54,9 @@ JITTER_K = 4.0
 JITTER_WINDOW = 32  # ticks the mean distance from the line averages over
 OFF_LINE_MAX = 0.2
 OFF_RUN = 3
-# A fit restarted with fewer ticks than this keeps the tempo it had and fits only where the line
-# lies: a slope from three jittered ticks can be several % off, a beat later tens of ms.
+# A fit with fewer ticks than this is young: a slope from three jittered ticks can be several % off,
+# a beat later tens of ms. After a Start/Continue it keeps the tempo it had and fits only where the
+# line lies; a fresh one (no tempo yet, or a new one) indexes its ticks by their intervals.
 SLOPE_MIN_TICKS = 12
 # Two successive long intervals this close (in periods) are a slower tempo; a late tick followed
 # by a lost one gives two unequal ones (seen over JACK: 29 ms then 40 ms at 25 ms a tick).
@@ -177,10 +178,12 @@ class ClockFollower:
             self._count(1, t)
         else:
             self._raw_push(t)
-            d = (t - (self._line + p)) / p  # periods past where the next tick belongs
-            if self._young():
+            young = self._young()
+            if young:
                 d = gap / p - 1  # a young line's slope is too rough to index by: the interval does
-            if not self._young() and self._tempo_jumped():
+            else:
+                d = (t - (self._line + p)) / p  # periods past where the next tick belongs
+            if not young and self._tempo_jumped():
                 self._restart_consecutive()
             elif d < -0.5 and not self._faster(gap, p):
                 self.repeats += 1  # a repeat, or one of a late bunch: its index is already counted
@@ -260,16 +263,19 @@ class ClockFollower:
         self._index = first + len(self._raw) - 1
         self._fit()
 
+    def _prev_interval(self) -> float:
+        """The raw interval before the latest one (0.0 until three ticks were heard)."""
+        return self._raw[-2] - self._raw[-3] if self._raw_n >= 3 else 0.0
+
     def _faster(self, gap: float, p: float) -> bool:
         """Early on the line, but a tick's interval after another short one: the tempo went up (a
         repeat or a late bunch arrives with no interval; the first tick after a stall, after a long one)."""
-        prev = self._raw[-2] - self._raw[-3] if self._raw_n >= 3 else 0.0
-        return gap >= 0.5 * p and 0.5 * p <= prev <= 0.95 * p
+        return gap >= 0.5 * p and 0.5 * p <= self._prev_interval() <= 0.95 * p
 
     def _slower(self, gap: float, p: float) -> bool:
-        """Late on the line, but a tick's interval after another long one, neither long enough to
-        hold a lost tick: the tempo went down."""
-        prev = self._raw[-2] - self._raw[-3] if self._raw_n >= 3 else 0.0
+        """Late on the line, but a tick's interval after another long one as long, neither long
+        enough to hold a lost tick: the tempo went down."""
+        prev = self._prev_interval()
         return 1.05 * p <= gap <= 1.6 * p and 1.05 * p <= prev <= 1.6 * p and abs(gap - prev) <= SAME_INTERVAL * p
 
     def _young(self) -> bool:
