@@ -38,6 +38,10 @@ from antiphon.daemon.config import JamConfig
 from antiphon.daemon.sampling import long_note_s
 from antiphon.daemon.scheduler import Item
 
+# How the log says that held keys were taken as released (tests and rigs look for it: a late answer
+# is then by design).
+LOST_NOTE_OFF = "taking them as released (a lost note-off?)"
+
 
 class Conversation:
     """The engine thread's state: feed it player messages and scheduler replies; call `step` when idle."""
@@ -200,8 +204,7 @@ class Conversation:
         if now - self.last_event < self.cfg.max_note_s:
             return
         stuck = sorted(self.keys_down)
-        self.log(f"input: keys {stuck} held {now - self.last_event:.1f} s with no other event; taking them as "
-                 "released (a lost note-off?)")
+        self.log(f"input: keys {stuck} held {now - self.last_event:.1f} s with no other event; {LOST_NOTE_OFF}")
         for p in stuck:
             self._encode(now, [codec.NOTE_OFF_STATUS, p, 0])
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from antiphon.daemon.config import JamConfig
+from antiphon.daemon.context import LOST_NOTE_OFF
 from antiphon.daemon.rigs.jackprobe import Probe
 from antiphon.daemon.rigs.jackserver import orphan_safe, terminate
 
@@ -158,9 +160,7 @@ def sleep_past_answer(t_last_event: float) -> None:
     time.sleep(max(0.0, t_last_event + WAIT_MS / 1000 + ANSWER_MAX_S + 0.3 - time.perf_counter()))
 
 
-# What the daemon logs when it takes keys held with no event for --max-note-s as released.
-LOST_NOTE_OFF = "taking them as released (a lost note-off?)"
-MAX_NOTE_S = 4.0  # the daemon's default --max-note-s
+MAX_NOTE_S = JamConfig().max_note_s  # the daemon's default --max-note-s
 
 
 def answer_to(probe: Probe, proc: subprocess.Popen, t_off: float, max_note_s: float = MAX_NOTE_S):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import subprocess
 import time
 
-import mido
 import pytest
 
 from antiphon.daemon.rigs import clocksession as C
@@ -28,9 +27,9 @@ from antiphon.daemon.rigs.jackprobe import Probe
 
 def report(s: C.Session) -> None:
     """Everything a failure needs, printed whole (pytest shortens long assertion messages)."""
-    runs = [(r.first, int(r.idx[-1]), round(1000 * r.period, 3)) for r in s.source.runs]
-    print(f"{s.scenario}: transport heard {s.transport!r} (antiphon: {s.antiphon_transport!r}); listener's runs (first, last index, period ms) {runs}, "
-          f"{s.source.missing} ticks it lost, {s.source.unplaced} runs it cannot place")
+    print(f"{s.scenario}: transport heard {s.transport!r} (antiphon: {s.antiphon_transport!r}); listener's runs "
+          f"(first, last index, period ms) {s.source.describe()}, {s.source.missing} ticks it lost, "
+          f"{s.source.unplaced} runs it cannot place")
     for a in s.answers:
         print("  ", a)
     print("antiphon's log:\n" + s.log)
@@ -82,9 +81,8 @@ def test_answers_start_on_the_beats_of_jack_midi_clock(jack, jam_model, jack_mid
     assert_on_the_sources_beats(s)
     # The scenario happened: the transport messages the listener heard, or else antiphon (its
     # recording marks them): JACK may drop a cycle's messages for one client, seldom for both.
-    (mid,) = (tmp_path / f"clk-{scenario}-rec").glob("*.mid")
-    markers = [m.text for m in mido.MidiFile(str(mid)).tracks[0] if m.type == "marker"]
-    marked_transport = s.antiphon_transport
+    markers, marked_transport = s.markers, s.antiphon_transport
+    assert len(list((tmp_path / f"clk-{scenario}-rec").glob("*.mid"))) == 1
     heard = s.transport if len(s.transport) >= len(marked_transport) else marked_transport
     if scenario == "stopped":
         assert heard.startswith("S"), (s.transport, markers)

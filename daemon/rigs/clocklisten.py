@@ -192,6 +192,10 @@ class SourceBeats:
         close_run()
         return out
 
+    def describe(self) -> str:
+        """The runs as (song position of the first tick, last index, period ms), for a report."""
+        return str([(r.first, int(r.idx[-1]), round(1000 * r.period, 3)) for r in self.runs])
+
     def _run_at(self, t: float) -> TickRun | None:
         """The run of ticks playing at time t (song positions repeat after a Start: time decides)."""
         for run in reversed(self.runs):

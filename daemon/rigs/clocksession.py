@@ -30,23 +30,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from antiphon.daemon.context import LOST_NOTE_OFF
 from antiphon.daemon.jam import read_trace_beats
+from antiphon.daemon.midiclock import CONTINUE, START, STOP
 from antiphon.daemon.rigs.clocklisten import BPM, SourceBeats, Tap
 from antiphon.daemon.rigs.jackprobe import Probe
 from antiphon.daemon.rigs.jackserver import JackServer, orphan_safe, terminate
+from antiphon.daemon.studio import TRANSPORT_MARKERS
 
 WAIT_MS = 300
 # --max-note-s 2: a call whose note-off JACK lost (a dropped cycle under load) is answered 2 s
 # later, inside its phrase's 4.5 s, instead of after the next phrase has begun.
 JAM_ARGS = ["--api", "jack", "--seed", "1", "--wait-ms", str(WAIT_MS), "--answer-min-s", "1.0",
             "--answer-max-s", "1.5", "--max-note-s", "2"]
-LOST_NOTE_OFF = "taking them as released (a lost note-off?)"  # the jam's log, when it heals a held key
 PHRASE = [(0.25 * i + d, [0x90 if d == 0 else 0x80, p, 90 if d == 0 else 0])
           for i, p in enumerate((60, 62, 64, 67)) for d in (0.0, 0.2)]
 PHRASE_GAP_S = 4.5  # one phrase every this many seconds: the answer (<= 1.5 s, from <= 1.9 s) is over by 3.4 s
@@ -85,11 +87,16 @@ class Session:
     relay_dropped: int = 0  # ticks the relay kept from antiphon
     transport: str = ""  # the transport messages the listener heard, in order: S(tart) C(ontinue) P (stop)
     workdir: Path = Path()
-    antiphon_transport: str = ""  # the same, as antiphon's recording marks them
+    markers: list[str] = field(default_factory=list)  # the markers of antiphon's --record file, in order
 
     @property
     def all_answered(self) -> bool:
         return all(a.answered for a in self.answers)
+
+    @property
+    def antiphon_transport(self) -> str:
+        """The transport messages antiphon heard, as its recording marks them: S, C, P."""
+        return "".join(MARKER_LETTERS.get(m, "") for m in self.markers)
 
     @property
     def calls_cut_short(self) -> int:
@@ -195,27 +202,28 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
         answers.append(a)
     dropped = sum(1 for d in RELAY_DROPS if d <= source.ticks) if relay else 0
     moves = [(t, TRANSPORT_LETTERS[m[0]]) for t, m in ref.heard if m[0] in TRANSPORT_LETTERS]
-    heard_transport = "".join(letter for _, letter in moves)
-    theirs = recorded_transport(workdir / f"{name}-rec")
-    split = next((i for i, (a, b) in enumerate(zip(heard_transport, theirs)) if a != b),
-                 min(len(heard_transport), len(theirs)))
-    if heard_transport != theirs:
+    s = Session(scenario, answers, log, source, dropped, "".join(letter for _, letter in moves), workdir,
+                recorded_markers(workdir / f"{name}-rec"))
+    theirs = s.antiphon_transport
+    if s.transport != theirs:
+        split = next((i for i, (a, b) in enumerate(zip(s.transport, theirs)) if a != b),
+                     min(len(s.transport), len(theirs)))
         since = moves[split][0] if split < len(moves) else moves[-1][0] if moves else -math.inf
         for a, t_off in zip(answers, offs):
             a.judged = t_off < since
-    return Session(scenario, answers, log, source, dropped, heard_transport, workdir, theirs)
+    return s
 
 
-TRANSPORT_LETTERS = {0xFA: "S", 0xFB: "C", 0xFC: "P"}
+TRANSPORT_LETTERS = {START: "S", CONTINUE: "C", STOP: "P"}
+MARKER_LETTERS = {TRANSPORT_MARKERS[status]: letter for status, letter in TRANSPORT_LETTERS.items()}
 
 
-def recorded_transport(rec_dir: Path) -> str:
-    """The transport messages antiphon heard, from the markers of its --record file."""
+def recorded_markers(rec_dir: Path) -> list[str]:
+    """The markers of antiphon's --record file(s) in rec_dir, in order."""
     import mido
 
-    letters = {"start": "S", "continue": "C", "stop": "P"}
-    return "".join(letters.get(m.text, "") for mid in sorted(rec_dir.glob("*.mid"))
-                   for m in mido.MidiFile(str(mid)).tracks[0] if m.type == "marker")
+    return [m.text for mid in sorted(rec_dir.glob("*.mid")) for m in mido.MidiFile(str(mid)).tracks[0]
+            if m.type == "marker"]
 
 
 # --------------------------------------------------------------------------- the report
@@ -266,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps([a.__dict__ for a in s.answers]), flush=True)
             if not s.all_answered:
-                runs = [(r.first, int(r.idx[-1]), round(r.period * 1000, 3)) for r in s.source.runs]
-                print(f"  transport heard {s.transport!r}; source runs (first, last index, period ms) {runs}",
+                print(f"  transport heard {s.transport!r}; source runs (first, last index, period ms) "
+                      f"{s.source.describe()}",
                       flush=True)
                 print("  its log: " + " | ".join(s.log.strip().splitlines()[-12:]), flush=True)
         stalls = jack._stalls()
