@@ -20,6 +20,7 @@ from antiphon.daemon.engine import ASSETS, Engine
 from antiphon.daemon.recorder import SmfTracks
 from antiphon.export.onnx_export import read_metadata, set_metadata
 from antiphon.export.weights import RebuildError, gpt_from_onnx, rebuild_and_verify, weights_identical
+from antiphon.models import recordings as RC
 from antiphon.models import replay as R
 from antiphon.models import tune as TU
 from antiphon.models.checkpoint import load_model
@@ -78,28 +79,28 @@ def test_sessions_give_the_players_track_only(tmp_path):
     both.write_bytes(session_bytes(part, [x._replace(pitch=x.pitch + 12) for x in part]))
     alone = tmp_path / "alone.mid"
     alone.write_bytes(session_bytes(part, []))
-    tokens, session = TU.player_tokens(both, tmp_path)
+    tokens, session = RC.player_tokens(both, tmp_path)
     assert session
     assert tokens == codec.encode_file(alone)  # exactly the player's part, through the codec
     assert tokens != codec.encode_file(both)  # which merges antiphon's answers in
-    plain, session = TU.player_tokens(SATIE, tmp_path)
+    plain, session = RC.player_tokens(SATIE, tmp_path)
     assert not session and plain == codec.encode_file(SATIE)
 
 
 def test_holdout_takes_the_newest_whole_recordings(tmp_path):
-    def rec(name: str, seconds: float, when: float) -> TU.Recording:
-        return TU.Recording(tmp_path / name, name, [], seconds, False, when)
+    def rec(name: str, seconds: float, when: float) -> RC.Recording:
+        return RC.Recording(tmp_path / name, name, [], seconds, False, when)
 
     recs = [rec(f"r{i}.mid", 60.0, float(i)) for i in range(20)]
-    tune, held = TU.split_holdout(recs, 0.1)
+    tune, held = RC.split_holdout(recs, 0.1)
     assert [r.path.name for r in held] == ["r19.mid", "r18.mid"]  # 10 % of 20 min: the newest two
     assert len(tune) == 18 and not {r.path for r in tune} & {r.path for r in held}
-    tune, held = TU.split_holdout(recs[:3], 0.1)
+    tune, held = RC.split_holdout(recs[:3], 0.1)
     assert [r.path.name for r in held] == ["r2.mid"]  # at least one, whole
     # Too little: one recording, or too few seconds to hold out and learn from.
     for few in ([rec("a.mid", 600.0, 0.0)], [rec("a.mid", 30.0, 0.0), rec("b.mid", 15.0, 1.0)]):
-        with pytest.raises(TU.UserError, match=r"at least \d+ s of your playing in two or more recordings"):
-            TU.split_holdout(few, 0.1)
+        with pytest.raises(RC.UserError, match=r"at least \d+ s of your playing in two or more recordings"):
+            RC.split_holdout(few, 0.1)
 
 
 def test_session_time_comes_from_the_recorders_name(tmp_path):
@@ -107,14 +108,14 @@ def test_session_time_comes_from_the_recorders_name(tmp_path):
     older.write_bytes(b"")
     newer.write_bytes(b"")
     os.utime(older, (time.time(), time.time()))  # touched later, still the older session
-    assert TU._when(newer) > TU._when(older)
+    assert RC._when(newer) > RC._when(older)
 
 
 def test_collect_skips_a_corrupt_file_and_says_so(tmp_path):
     write_sessions(tmp_path / "jams", satie_parts(2))
     (tmp_path / "jams" / "broken.mid").write_bytes(b"MThd\x00\x00\x00\x06garbage")
     said = []
-    recs, skipped = TU.collect([str(tmp_path / "jams")], said.append)
+    recs, skipped = RC.collect([str(tmp_path / "jams")], said.append)
     assert len(recs) == 2 and all(r.session for r in recs)
     assert len(skipped) == 1 and "broken.mid" in skipped[0] and "not a readable MIDI file" in skipped[0]
     assert any("broken.mid" in s for s in said)
