@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -114,11 +115,12 @@ class TickRun:
     idx: np.ndarray  # each heard tick's index in the run (gaps: ticks the listener lost)
     t: np.ndarray  # when the listener heard it
 
-    def span(self, margin_ticks: float) -> tuple[float, float]:
+    def covers(self, t: float) -> bool:
+        """Time t falls in this run: from a beat before its first tick to four after its last."""
         p = self.period
-        return float(self.t[0] - margin_ticks * p), float(self.t[-1] + margin_ticks * p)
+        return self.t[0] - PPQN * p <= t <= self.t[-1] + 4 * PPQN * p
 
-    @property
+    @cached_property
     def period(self) -> float:
         return float(np.polyfit(self.idx, self.t, 1)[0]) if len(self.t) > 2 else 60.0 / (PPQN * BPM)
 
@@ -198,11 +200,7 @@ class SourceBeats:
 
     def _run_at(self, t: float) -> TickRun | None:
         """The run of ticks playing at time t (song positions repeat after a Start: time decides)."""
-        for run in reversed(self.runs):
-            lo, hi = run.span(PPQN)
-            if lo <= t <= hi + 3 * PPQN * run.period:
-                return run
-        return None
+        return next((run for run in reversed(self.runs) if run.covers(t)), None)
 
     def beat_at(self, t: float) -> float | None:
         run = self._run_at(t)
