@@ -72,6 +72,8 @@ LOST_MIN_S = 0.25
 BRIDGE_S = 4.0
 # With no tempo known yet, ticks closer than this (a tempo of 1250 bpm) are one tick twice.
 MIN_PERIOD_S = 0.002
+# A line slower than this (10 bpm) is not a clock's: answers are not placed by it (free time).
+MAX_PERIOD_S = 0.25
 
 
 class ClockState(NamedTuple):
@@ -183,7 +185,7 @@ class ClockFollower:
                 d = gap / p - 1  # a young line's slope is too rough to index by: the interval does
             else:
                 d = (t - (self._line + p)) / p  # periods past where the next tick belongs
-            if not young and self._tempo_jumped():
+            if self._tempo_jumped(young):
                 self._restart_consecutive()
             elif d < -0.5 and not self._faster(gap, p):
                 self.repeats += 1  # a repeat, or one of a late bunch: its index is already counted
@@ -237,15 +239,20 @@ class ClockFollower:
         self._raw_idx.append(self._index)  # a repeat stands at the index it repeats
         self._raw_n = min(self._raw_n + 1, len(self._raw))
 
-    def _tempo_jumped(self) -> bool:
+    def _tempo_jumped(self, young: bool) -> bool:
         """The latest OFF_RUN raw intervals agree with each other and not with the line: a tempo
         change too large for the line to index its ticks right (a slower one reads as lost ticks,
-        a faster one as repeats)."""
+        a faster one as repeats). A young line's period may come from a single interval that a
+        stall stretched or a bunch squeezed (every later tick would then read as a repeat, or as
+        several): steady intervals overrule it however far they are from it."""
         raw, p = self._raw, self._period
         if self._raw_n < len(raw):
             return False
         iv = [raw[i + 1] - raw[i] for i in range(len(raw) - 1)]
         lo, hi = min(iv), max(iv)
+        if young:
+            tol = max(OFF_LINE_S, 0.1 * lo)
+            return lo >= MIN_PERIOD_S and hi - lo <= 2 * tol and (lo > p + tol or hi < p - tol)
         tol = self._off_line(p)
         return (hi - lo <= 2 * tol and (lo > p + tol or hi < p - tol)
                 and p / TEMPO_JUMP <= lo and hi <= p * TEMPO_JUMP)
@@ -383,7 +390,8 @@ class ClockFollower:
 # two fits into one answer.
 
 def _synced(s: ClockState, now: float) -> bool:
-    return s.locked and s.period > 0 and now - s.last_tick <= ClockFollower._lost_after(s.period)
+    return (s.locked and 0 < s.period <= MAX_PERIOD_S
+            and now - s.last_tick <= ClockFollower._lost_after(s.period))
 
 
 def _position(s: ClockState, t: float) -> float:

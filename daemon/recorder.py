@@ -33,6 +33,7 @@ TRACK_NAMES = ("player", "antiphon")
 TAGS = "PATMEYC"  # journal line tag per record kind
 JOURNAL = ".journal"
 PPQ = 960
+MAX_TEMPO_US = 0xFFFFFF  # a set_tempo holds 24 bits of microseconds per beat
 MAGIC = "antiphon-journal 1"
 
 try:
@@ -82,7 +83,9 @@ class SmfTracks:
             self.sounding[track].discard((m.channel, m.note))
 
     def tempo(self, t: float, bpm: float) -> None:
-        if bpm <= 0 or abs(bpm - self._bpm) < 0.05:
+        # Below ~3.6 bpm a set_tempo does not fit its 24 bits: no clock's tempo, and no reason to
+        # stop recording.
+        if bpm * MAX_TEMPO_US < 60e6 or abs(bpm - self._bpm) < 0.05:
             return
         # Ticks already written in either track keep the tempo they were computed with: the
         # change takes effect no earlier than the latest event, and time stays continuous there.

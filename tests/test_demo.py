@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import wave
+from collections import Counter
 
 import mido
 import numpy as np
@@ -58,14 +59,16 @@ def test_demo_plays_the_call_into_a_real_jam_and_writes_midi_png_and_wav(jackd, 
     assert len(answer) >= 3 and left_sounding(tracks["antiphon"]) == set()
     phrases = demo.load_phrases()
     played = [m[1] for ph in phrases for _, m in ph if m[0] & 0xF0 == 0x90 and m[2] > 0]
-    if [p for _, p in player] != played:
+    # A lost cycle and a repeated one can leave the count right and the notes wrong: compare the notes.
+    heard_notes, played_notes = Counter(p for _, p in player), Counter(played)
+    differ = sum(((played_notes - heard_notes) + (heard_notes - played_notes)).values())
+    if differ:
         # JACK dropped a cycle of the player's notes on the way in (seen without real-time scheduling:
         # phrase 2's last note, so antiphon heard that phrase end one note early and answered over
         # it). What antiphon heard is what it recorded; the barge-in cannot be judged against the
         # call as played.
-        missing = len(played) - len(player)
-        assert 0 < missing <= 2, (missing, [p for _, p in player])
-        print(f"JACK lost {missing} of the player's notes on the way in: barge-in not judged; {line}")
+        assert differ <= 2, (differ, [p for _, p in player])
+        print(f"JACK lost or repeated {differ} of the player's notes on the way in: barge-in not judged; {line}")
     else:
         # The demo times the call's end when its player client stamps the send, which a busy box can
         # delay by tens of ms after the note left: "after your pause" may then read a little negative.

@@ -354,3 +354,30 @@ def test_a_late_tick_then_a_lost_one_is_not_read_as_a_slower_tempo():
     f = follow(delivered)
     assert f.position_beats(times[-1]) * PPQN == pytest.approx(len(times) - 1, abs=0.1)
     assert f.lost == 1
+
+
+@pytest.mark.parametrize("first_interval", [0.59, 0.06, 0.0025])
+def test_a_first_interval_stretched_by_a_stall_or_squeezed_by_a_bunch_does_not_set_the_tempo(first_interval):
+    """Seen over JACK without real-time scheduling: the first tick after a Start, then a stall, then
+    steady ticks. A young line took the stalled interval as its period (4 bpm), read every later tick
+    as a repeat and never recovered: no answer all session, and a tempo the recorder could not write."""
+    f = ClockFollower()
+    f.feed([START], T0 - 0.01)
+    f.feed([CLOCK], T0)
+    times = [T0 + first_interval + k * PERIOD_100 for k in range(4 * PPQN)]
+    play(f, times, jitter=0.0003)
+    assert f.bpm == pytest.approx(100.0, abs=0.5)
+    # Every steady tick counted once after the first: position and beats to come are the clock's.
+    now = times[-1] + 0.001
+    assert f.position_beats(times[-1]) * PPQN == pytest.approx(len(times), abs=0.5)
+    assert f.next_beat(now) == pytest.approx(times[-1] + PPQN * PERIOD_100, abs=0.001)  # beat 5
+
+
+def test_a_line_too_slow_to_be_a_clock_places_nothing():
+    """Two ticks seconds apart and nothing else (a stalled graph): not a tempo to place answers by."""
+    f = ClockFollower()
+    f.feed([START], T0 - 0.01)
+    f.feed([CLOCK], T0)
+    f.feed([CLOCK], T0 + 0.5)
+    assert f.state.locked and f.bpm == pytest.approx(5.0)
+    assert not f.synced(T0 + 0.6)

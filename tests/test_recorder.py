@@ -67,6 +67,7 @@ def test_clean_close_writes_a_two_track_file_with_tempo_and_removes_the_journal(
     for k in range(3):
         feed(rec, k)
     rec.tempo(ORIGIN + 8.0, 90.0)
+    rec.tempo(ORIGIN + 9.0, 1.25)  # a stalled clock's "tempo" (no set_tempo can hold it): not written, not fatal
     rec.marker(ORIGIN + 8.0, "clock stop")
     rec.player(ORIGIN + 11.0, [0xF8])  # not a track event: skipped, not written
     rec.antiphon(ORIGIN + 11.5, [0x90, 30, 50])  # left sounding: the file closes it
