@@ -59,11 +59,16 @@ def start_jam(jack, model, client: str, *extra: str) -> subprocess.Popen:
 
 
 def daemon_log(proc: subprocess.Popen) -> str:
-    return Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    kept = getattr(proc, "log_text", None)  # a stopped jam's, its file removed
+    return (kept if kept is not None else Path(proc.log_path).read_text())[-3000:]  # type: ignore[attr-defined]
 
 
 def stop_jam(proc: subprocess.Popen) -> str:
     terminate(proc)
+    if getattr(proc, "log_text", None) is None:
+        path = Path(proc.log_path)  # type: ignore[attr-defined]
+        proc.log_text = path.read_text()  # type: ignore[attr-defined]
+        path.unlink()  # a test session starts dozens of jams: their logs do not stay in /tmp
     return daemon_log(proc)
 
 

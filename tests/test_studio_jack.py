@@ -339,8 +339,7 @@ def test_recording_survives_sigterm_and_sigkill(jack, jam_model, tmp_path):
     jack.ensure()  # a client killed mid-cycle may have stalled the graph
     assert list((tmp_path / "kill").glob("*.journal"))
     again = H.start_jam(jack, jam_model, "rec-again", "--record", str(tmp_path / "kill"))
-    H.stop_jam(again)
-    log = H.daemon_log(again)
+    log = H.stop_jam(again)
     assert "record: recovered " in log, log
     path = Path(log.split("record: recovered ", 1)[1].split(" from a session", 1)[0])
     assert sorted((tmp_path / "kill").glob("*.journal")) == [], (again.returncode, log)

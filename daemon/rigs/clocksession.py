@@ -124,7 +124,10 @@ def stop_jam(proc: subprocess.Popen) -> str:
     """SIGTERM, and time to write the trace the session is judged by: a busy box has taken over 10 s
     (how fast a jam shuts down is test_studio_jack's to judge; killed, it leaves no trace)."""
     terminate(proc, grace_s=30.0)
-    return Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+    path = Path(proc.log_path)  # type: ignore[attr-defined]
+    log = path.read_text()
+    path.unlink()
+    return log
 
 
 def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phrases: int = 5,

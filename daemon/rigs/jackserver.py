@@ -104,6 +104,7 @@ class JackServer:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
+        self.log_path.unlink(missing_ok=True)  # read while it ran; a test session starts hundreds
 
     def ports(self) -> list[str] | None:
         """The server's port names, or None when it does not answer in time (hung or gone)."""
