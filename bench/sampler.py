@@ -18,6 +18,7 @@ import numpy as np
 
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
+from antiphon.daemon.config import JamConfig, Steers
 from antiphon.daemon.engine import Engine
 from antiphon.daemon.sampling import Sampler, grammar_mask, jam_sampler
 
@@ -44,7 +45,7 @@ def main() -> None:
         decoder.feed(tok)
     mask = grammar_mask(decoder)
     plain = Sampler(0, 0.85, 0.9)
-    jam = jam_sampler(0, 0.85, 0.9, 0.75, 1.0, 0.75, 1.0, 1.0)
+    jam = jam_sampler(0, Steers.of(JamConfig()))
     jam.memory.hear_tokens([V.note_on(int(p)) for p in rng.integers(36, 96, size=72000)])  # 2 h at 10 notes/s
     jam.begin(40, 8.0, 64.0, 0.8, np.cumsum(rng.uniform(0.1, 0.6, size=40)))
 

@@ -21,6 +21,7 @@ from antiphon.daemon.config import (
     DemoConfig,
     JamConfig,
     ModelConfig,
+    Steers,
     TrainConfig,
     TuneConfig,
     from_dict,
@@ -121,8 +122,7 @@ def _tune(p: argparse.ArgumentParser) -> None:
 
 def _sampling(p: argparse.ArgumentParser) -> None:
     """The jam's sampling flags, with its defaults and help, for the offline commands."""
-    for name in ("temperature", "top_p", "follow_density", "follow_dynamics", "follow_articulation", "follow_rhythm",
-                 "memory"):
+    for name in (f.name for f in dataclasses.fields(Steers)):
         f = JamConfig.__dataclass_fields__[name]
         p.add_argument("--" + name.replace("_", "-"), type=float, default=f.default,
                        help=f"{f.metadata['help']} (default: {f.default!r}, as jam)")

@@ -116,6 +116,25 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class Steers:
+    """The jam's sampling settings (defaults here: the plain model; jam's are JamConfig's fields of
+    the same names, which the offline commands take as flags)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    follow_density: float = 0.0
+    follow_dynamics: float = 0.0
+    follow_articulation: float = 0.0
+    follow_rhythm: float = 0.0
+    memory: float = 0.0
+
+    @classmethod
+    def of(cls, settings) -> Steers:
+        """From anything carrying these names: a JamConfig, the offline commands' parsed flags."""
+        return cls(**{f.name: float(getattr(settings, f.name)) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
 class JamConfig:
     """How `antiphon jam` listens and answers."""
 

@@ -138,6 +138,7 @@ class Jam:
 
     def _build(self, cfg: JamConfig, log: Callable[[str], None]) -> None:
         from antiphon.daemon import ports
+        from antiphon.daemon.config import Steers
         from antiphon.daemon.context import Conversation
         from antiphon.daemon.engine import Engine
         from antiphon.daemon.sampling import grammar_mask, jam_sampler
@@ -153,8 +154,7 @@ class Jam:
         # The engine (ORT session, first prefill) is built before any real-time thread starts.
         engine = Engine(cfg.model or None, threads=cfg.threads, log=lambda s: None)
         self.model_desc = f"{engine.model_path} (context {engine.context})"
-        self.conv = Conversation(engine, jam_sampler(cfg.seed, cfg.temperature, cfg.top_p, cfg.follow_density, cfg.memory,
-                                             cfg.follow_dynamics, cfg.follow_articulation, cfg.follow_rhythm), grammar_mask, cfg,
+        self.conv = Conversation(engine, jam_sampler(cfg.seed, Steers.of(cfg)), grammar_mask, cfg,
                                  self._submit, self._cancel, log,
                                  align=studio.align, snap=studio.snap)
         self._warm_up(engine)

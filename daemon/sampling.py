@@ -14,6 +14,7 @@ import numpy as np
 
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
+from antiphon.daemon.config import Steers
 from antiphon.daemon.memory import SessionMemory, mix_pitch
 
 # Event kinds as contiguous token ranges (specials, NOTE_ON, NOTE_OFF, TIME_SHIFT, VELOCITY, pedal).
@@ -241,7 +242,10 @@ def groove(onsets: np.ndarray, strength: float) -> np.ndarray | None:
     if iois.size < 4:
         return None
     hist, _ = np.histogram(np.clip(iois, _IOI_EDGES[0], _IOI_EDGES[-1]), bins=_IOI_EDGES)
-    density = (hist + 0.5) / np.diff(_IOI_EDGES)  # per step, with a little mass everywhere
+    # Per step, with a little mass spread evenly over all steps. (Half a count per bin, as before,
+    # gave the narrow short-interval bins a density above the call's beat: the steer favoured the
+    # quick onsets a call did not have.)
+    density = hist / np.diff(_IOI_EDGES) + 0.5 * hist.size / (_IOI_EDGES[-1] - _IOI_EDGES[0])
     steps = np.arange(GROOVE_STEPS + 1)
     per_step = density[np.clip(np.searchsorted(_IOI_EDGES, steps, side="right") - 1, 0, len(density) - 1)]
     ratio = np.clip(per_step / per_step[GROOVE_MIN:].mean(), 1 / 8, 8.0) ** strength
@@ -254,14 +258,14 @@ def long_note_s(holds) -> float:
     return float(np.percentile(holds, 90)) if len(holds) >= 4 else -1.0
 
 
-def jam_sampler(seed: int | None, temperature: float, top_p: float, follow_density: float,
-                memory: float, follow_dynamics: float = 0.0, follow_articulation: float = 0.0,
-                follow_rhythm: float = 0.0) -> Sampler:
+def jam_sampler(seed: int | None, steers: Steers, with_memory: bool = True) -> Sampler:
     """The jam's sampler, as jam, continue and eval all use it. The session memory always learns
-    (a live control may turn it up later); `memory` scales how much it is heard, 0: not at all."""
-    _check_share("memory", memory)
-    return Sampler(seed, temperature, top_p, follow_density, SessionMemory(), memory, follow_dynamics,
-                   follow_articulation, follow_rhythm)
+    (a live control may turn it up later); `steers.memory` scales how much it is heard, 0: not at
+    all. with_memory=False: no memory at all (eval's Markov baseline)."""
+    _check_share("memory", steers.memory)
+    return Sampler(seed, steers.temperature, steers.top_p, steers.follow_density,
+                   SessionMemory() if with_memory else None, steers.memory, steers.follow_dynamics,
+                   steers.follow_articulation, steers.follow_rhythm)
 
 
 _BASE = np.ones(V.VOCAB_SIZE, dtype=bool)

@@ -12,6 +12,7 @@ that followed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import numpy as np
 
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
+from antiphon.daemon.config import Steers
 from antiphon.daemon.errors import UserError
 from antiphon.daemon.sampling import Sampler, grammar_mask, jam_sampler
 from antiphon.models import metrics as M
@@ -177,20 +179,14 @@ def phrase_names(names: Sequence[str], docs: list[list[int]], n: int) -> list[tu
     return out[:n]
 
 
-def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, seed: int,
-                    temperature: float = 1.0, top_p: float = 0.95, follow_density: float = 0.0,
-                    memory: float = 0.0, follow_dynamics: float = 0.0, rolls: str = "", names: Sequence[str] = (),
-                    follow_articulation: float = 0.0, follow_rhythm: float = 0.0,
-                    ) -> dict:
+def musical_metrics(lm, baseline: MarkovModel, docs: list[list[int]], n: int, seed: int, steers: Steers,
+                    rolls: str = "", names: Sequence[str] = ()) -> dict:
     """`rolls`: a folder to draw the first ROLLS calls' piano rolls into (call, answer, truth)."""
     rows: dict[str, list] = {"model": [], "baseline": [], "truth": []}
     pairs = phrases(docs, n)
     for i, (before, call, truth) in enumerate(pairs):
         prompt = [V.BOS] + call
-        samplers = [jam_sampler(seed + i, temperature, top_p, follow_density, memory, follow_dynamics,
-                                follow_articulation, follow_rhythm),
-                    Sampler(seed + i, temperature, top_p, follow_density, follow_dynamics=follow_dynamics,
-                            follow_articulation=follow_articulation, follow_rhythm=follow_rhythm)]
+        samplers = [jam_sampler(seed + i, steers), jam_sampler(seed + i, steers, with_memory=False)]
         samplers[0].memory.hear_tokens(before + call)  # the session so far, as jam's memory has heard it
         call_notes = M.notes_of(call)
         for s in samplers:
@@ -274,14 +270,10 @@ def main(args) -> int:
                              "best_constants_on_this_set": fitted}
     if args.phrases > 0:
         log(f"generating responses to up to {args.phrases} phrases")
-        result["sampling"] = {"temperature": args.temperature, "top_p": args.top_p,
-                              "follow_density": args.follow_density, "follow_dynamics": args.follow_dynamics,
-                              "follow_articulation": args.follow_articulation, "follow_rhythm": args.follow_rhythm,
-                              "memory": args.memory}
-        result["metrics"] = musical_metrics(lm, baseline, docs, args.phrases, args.seed, args.temperature, args.top_p,
-                                             args.follow_density, args.memory, args.follow_dynamics, args.rolls,
-                                             [f"{n}, from {t} s" for n, t in phrase_names(names, docs, args.phrases)],
-                                             args.follow_articulation, args.follow_rhythm)
+        steers = Steers.of(args)
+        result["sampling"] = dataclasses.asdict(steers)
+        result["metrics"] = musical_metrics(lm, baseline, docs, args.phrases, args.seed, steers, args.rolls,
+                                             [f"{n}, from {t} s" for n, t in phrase_names(names, docs, args.phrases)])
     if args.json:
         print(json.dumps(_finite(result), indent=2))
         return 0

@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -38,7 +37,7 @@ import torch
 
 from antiphon.daemon import cli
 from antiphon.daemon import vocab as V
-from antiphon.daemon.config import JamConfig, ModelConfig, TrainConfig, TuneConfig, to_dict
+from antiphon.daemon.config import JamConfig, ModelConfig, Steers, TrainConfig, TuneConfig, to_dict
 from antiphon.daemon.engine import ASSETS, default_model_path
 from antiphon.daemon.errors import UserError
 from antiphon.export.cli import _quiet_exporter
@@ -122,14 +121,6 @@ def check_output(cfg: TuneConfig, parent: str) -> Path:
 
 # --------------------------------------------------------------------------- measuring
 
-def sampling_kwargs() -> dict[str, Any]:
-    """The jam's sampling defaults, for whichever of them musical_metrics takes."""
-    params = inspect.signature(E.musical_metrics).parameters
-    jam = JamConfig()
-    return {f.name: getattr(jam, f.name) for f in dataclasses.fields(JamConfig)
-            if f.name in params and f.name not in ("seed",)}
-
-
 def score(model_path: str, held: list[list[int]], check: list[list[int]], baseline: MarkovModel | None,
           phrases: int, seed: int) -> dict[str, Any]:
     """NLL on the held-out recordings and the replay check, and the musical metrics."""
@@ -139,7 +130,7 @@ def score(model_path: str, held: list[list[int]], check: list[list[int]], baseli
     if check:
         out["replay_check_nll"] = float(np.concatenate([E.sliding_nll(lm, d) for d in check]).mean())
     if phrases > 0 and baseline is not None:
-        out["metrics"] = E.musical_metrics(lm, baseline, held, phrases, seed, **sampling_kwargs())
+        out["metrics"] = E.musical_metrics(lm, baseline, held, phrases, seed, Steers.of(JamConfig()))
     return out
 
 

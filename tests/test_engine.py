@@ -17,7 +17,7 @@ from antiphon.daemon import engine as engine_mod
 from antiphon.daemon import vocab as V
 from antiphon.daemon.engine import Engine
 from antiphon.daemon.errors import UserError
-from antiphon.daemon.sampling import Sampler, grammar_mask
+from antiphon.daemon.sampling import Sampler, grammar_mask, groove
 from antiphon.export.onnx_export import set_metadata
 
 
@@ -264,6 +264,10 @@ def test_follow_rhythm_puts_onsets_on_the_calls_beat():
     assert steered > 0.4 and steered > 2 * own and own < 0.25, (steered, own)
     with pytest.raises(ValueError):
         Sampler(0, 1.0, 1.0, follow_rhythm=-1.0)
+    # The intervals the call never had are disfavoured, the quick ones too (their narrow bins once
+    # got a smoothing count each, which made 150 ms likelier than the call's own 500 ms).
+    g = groove(beat, 1.0)
+    assert g[15] < 0.6 and g[30] < 0.6 and g[50] > 2.0, (g[15], g[30], g[50])
 
 
 def test_follow_dynamics_moves_the_loudness_toward_the_calls_and_keeps_the_spread():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from antiphon.daemon import vocab as V
+from antiphon.daemon.config import Steers
 from antiphon.daemon.memory import FLOOR, SessionMemory, mix_pitch, note_on_logprob
 from antiphon.daemon.sampling import Sampler, jam_sampler
 
@@ -93,7 +94,7 @@ def test_sampler_takes_up_the_players_motif_only_when_asked():
     mask[V.NOTE_ON:V.NOTE_OFF] = True
 
     def next_note(memory: float, seed: int) -> int:
-        s = jam_sampler(seed, 1.0, 1.0, 0.0, memory)
+        s = jam_sampler(seed, Steers(memory=memory))
         s.memory.hear_tokens([V.note_on(p) for p in MOTIF * 4])
         for p in MOTIF[:6]:
             s.memory.hear(p, learn=False)  # antiphon has played the motif's first six notes
@@ -111,12 +112,12 @@ def test_sampler_takes_up_the_players_motif_only_when_asked():
     expected = expected[MOTIF[6]] / expected.sum()
     assert expected > 0.05 and abs(with_memory - expected) < 0.05 and without < 0.03
     # A key the grammar forbids (sounding) is never proposed by the memory either.
-    s = jam_sampler(3, 1.0, 1.0, 0.0, 1.0)
+    s = jam_sampler(3, Steers(memory=1.0))
     s.memory.hear_tokens([V.note_on(p) for p in [60, 64] * 8])
     s.memory.hear(60, learn=False)
     masked = mask.copy()
     masked[V.note_on(64)] = False
     assert all(s.sample(logits, masked) != V.note_on(64) for _ in range(50))
     with pytest.raises(ValueError, match="memory"):
-        jam_sampler(0, 1.0, 1.0, 0.0, 1.5)
+        jam_sampler(0, Steers(memory=1.5))
     assert Sampler(0, 1.0, 1.0).memory is None

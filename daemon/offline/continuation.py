@@ -18,6 +18,7 @@ import numpy as np
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
 from antiphon.daemon.answer import answer_decoder
+from antiphon.daemon.config import Steers
 from antiphon.daemon.engine import Engine
 from antiphon.daemon.errors import UserError
 from antiphon.daemon.offline.render import ANSWER_TRACK
@@ -62,9 +63,7 @@ def _bar_seconds(score) -> float:
 
 
 def continue_file(in_path: str, out_path: str, seconds: float | None, bars: float | None, seed: int,
-                  temperature: float, top_p: float, model: str = "", follow_density: float = 0.0,
-                  memory: float = 0.0, follow_dynamics: float = 0.0, follow_articulation: float = 0.0,
-                  follow_rhythm: float = 0.0) -> dict:
+                  steers: Steers, model: str = "") -> dict:
     import symusic
 
     perf = codec.load_midi(in_path)
@@ -77,8 +76,7 @@ def continue_file(in_path: str, out_path: str, seconds: float | None, bars: floa
         raise UserError("the continuation length must be positive")
 
     engine = Engine(model or None, threads=1)
-    sampler = jam_sampler(None if seed < 0 else seed, temperature, top_p, follow_density, memory, follow_dynamics,
-                          follow_articulation, follow_rhythm)
+    sampler = jam_sampler(None if seed < 0 else seed, steers)
     # The call is the input's last CALL_S seconds: the rate of what was just played, not of the piece.
     last = max(n.start for n in perf.notes)
     sampler.begin_call([n for n in perf.notes if n.start > last - CALL_S],
@@ -117,9 +115,7 @@ def continue_file(in_path: str, out_path: str, seconds: float | None, bars: floa
 
 
 def main(args) -> int:
-    stats = continue_file(args.input, args.output, args.seconds, args.bars, args.seed, args.temperature,
-                          args.top_p, args.model, args.follow_density, args.memory,
-                          args.follow_dynamics, args.follow_articulation, args.follow_rhythm)
+    stats = continue_file(args.input, args.output, args.seconds, args.bars, args.seed, Steers.of(args), args.model)
     print(f"{args.input}: {stats['input_notes']} notes; added {stats['answer_notes']} notes over "
           f"{stats['seconds']} s on track '{ANSWER_TRACK}' → {stats['output']}")
     return 0
