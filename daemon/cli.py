@@ -122,9 +122,9 @@ def _tune(p: argparse.ArgumentParser) -> None:
 
 def _sampling(p: argparse.ArgumentParser) -> None:
     """The jam's sampling flags, with its defaults and help, for the offline commands."""
-    for name in (f.name for f in dataclasses.fields(Steers)):
-        f = JamConfig.__dataclass_fields__[name]
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=f.default,
+    for steer in dataclasses.fields(Steers):
+        f = JamConfig.__dataclass_fields__[steer.name]
+        p.add_argument("--" + steer.name.replace("_", "-"), type=float, default=f.default,
                        help=f"{f.metadata['help']} (default: {f.default!r}, as jam)")
 
 

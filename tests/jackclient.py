@@ -20,7 +20,7 @@ import pytest
 from antiphon.daemon.config import JamConfig
 from antiphon.daemon.context import LOST_NOTE_OFF
 from antiphon.daemon.rigs.jackprobe import Probe
-from antiphon.daemon.rigs.jackserver import orphan_safe, terminate
+from antiphon.daemon.rigs.jackserver import jam_log, orphan_safe, terminate
 
 WAIT_MS = 300
 # Timing bounds. At the probe (through JACK, a second process and two shared cores) only what a
@@ -59,16 +59,11 @@ def start_jam(jack, model, client: str, *extra: str) -> subprocess.Popen:
 
 
 def daemon_log(proc: subprocess.Popen) -> str:
-    kept = getattr(proc, "log_text", None)  # a stopped jam's, its file removed
-    return (kept if kept is not None else Path(proc.log_path).read_text())[-3000:]  # type: ignore[attr-defined]
+    return jam_log(proc)[-3000:]
 
 
 def stop_jam(proc: subprocess.Popen) -> str:
     terminate(proc)
-    if getattr(proc, "log_text", None) is None:
-        path = Path(proc.log_path)  # type: ignore[attr-defined]
-        proc.log_text = path.read_text()  # type: ignore[attr-defined]
-        path.unlink()  # a test session starts dozens of jams: their logs do not stay in /tmp
     return daemon_log(proc)
 
 

@@ -41,7 +41,7 @@ from antiphon.daemon.jam import read_trace_beats
 from antiphon.daemon.midiclock import CONTINUE, START, STOP
 from antiphon.daemon.rigs.clocklisten import BPM, SourceBeats, Tap
 from antiphon.daemon.rigs.jackprobe import Probe
-from antiphon.daemon.rigs.jackserver import JackServer, orphan_safe, terminate
+from antiphon.daemon.rigs.jackserver import JackServer, jam_log, orphan_safe, terminate
 from antiphon.daemon.studio import TRANSPORT_MARKERS
 
 WAIT_MS = 300
@@ -124,10 +124,7 @@ def stop_jam(proc: subprocess.Popen) -> str:
     """SIGTERM, and time to write the trace the session is judged by: a busy box has taken over 10 s
     (how fast a jam shuts down is test_studio_jack's to judge; killed, it leaves no trace)."""
     terminate(proc, grace_s=30.0)
-    path = Path(proc.log_path)  # type: ignore[attr-defined]
-    log = path.read_text()
-    path.unlink()
-    return log
+    return jam_log(proc)
 
 
 def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phrases: int = 5,

@@ -42,6 +42,20 @@ def terminate(proc: subprocess.Popen, grace_s: float = 10.0) -> int | None:
         return proc.wait(5)
 
 
+def jam_log(proc: subprocess.Popen) -> str:
+    """What a jam whose stderr goes to the file `proc.log_path` has said. Once it has ended, the file
+    is read a last time, kept on the process and removed: a test session starts dozens of jams."""
+    kept = getattr(proc, "log_text", None)
+    if kept is not None:
+        return kept
+    path = Path(proc.log_path)  # type: ignore[attr-defined]
+    text = path.read_text()
+    if proc.poll() is not None:
+        proc.log_text = text  # type: ignore[attr-defined]
+        path.unlink()
+    return text
+
+
 def realtime_allowed() -> bool:
     """Whether a process may take SCHED_FIFO here (asked of a throwaway child, so this one's own
     scheduling is untouched); ANTIPHON_JACK_REALTIME=0/1 decides instead when set."""
