@@ -81,24 +81,34 @@ def sounding(messages) -> set[tuple[int, int]]:
     return on
 
 
-def sent_by_daemon(record: Path) -> list[tuple[float, list[int]]]:
-    """What a daemon started with `--record record` sent, from its recording journal (made
-    durable at each answer's end), with times on the daemon's clock, the probe's too (the
-    journal counts from the origin its header gives)."""
+def journal_lines(record: Path, tag: str) -> list[tuple[float, str]]:
+    """The lines tagged `tag` ("A": sent by antiphon, "M": a marker) of a daemon started with
+    `--record record`, from its recording journal (made durable at each answer's end), with
+    times on the daemon's clock, the probe's too (the journal counts from its header's origin)."""
     import json
 
     from antiphon.daemon.recorder import MAGIC
 
     time.sleep(0.4)  # the idle look that makes the answer's end durable runs every 0.25 s
-    sent = []
+    out = []
     for journal in record.glob("*.journal"):
         header, *lines = journal.read_text().splitlines()
         origin = json.loads(header[len(MAGIC):])["origin"]
         for line in lines:
-            if line.startswith("A "):
-                _, t, *data = line.split()
-                sent.append((origin + float(t), [int(b) for b in data]))
-    return sent
+            if line.startswith(tag + " "):
+                _, t, *rest = line.split(" ", 2)
+                out.append((origin + float(t), rest[0] if rest else ""))
+    return out
+
+
+def sent_by_daemon(record: Path) -> list[tuple[float, list[int]]]:
+    """What the daemon sent, as (time, message)."""
+    return [(t, [int(b) for b in text.split()]) for t, text in journal_lines(record, "A")]
+
+
+def answers_due(record: Path) -> list[float]:
+    """When the daemon meant each answer's first note to sound (its recording's markers)."""
+    return sorted(t for t, text in journal_lines(record, "M") if text.startswith("answer "))
 
 
 def assert_closed(heard, record: Path, proc: subprocess.Popen, by: float | None = None) -> None:
