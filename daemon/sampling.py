@@ -21,10 +21,10 @@ from antiphon.daemon.memory import SessionMemory, mix_pitch
 KIND_STARTS = np.array([0, V.NOTE_ON, V.NOTE_OFF, V.TIME_SHIFT, V.VELOCITY, V.SUSTAIN_ON])
 KIND_ENDS = np.append(KIND_STARTS[1:], V.VOCAB_SIZE)
 NOTE_KINDS = [1, 4]  # NOTE_ON, and VELOCITY, which only ever precedes a NOTE_ON
-OFF_KIND = 2
+OFF_KIND, SHIFT_KIND = 2, 3
 CLUSTER_STEPS = 3  # onsets within 30 ms are one cluster (a chord): free of the rhythm steer
 GROOVE_STEPS = 200  # the rhythm steer looks at inter-onset intervals from GROOVE_MIN steps up to 2 s
-GROOVE_MIN = 8
+GROOVE_MIN = 4  # from 40 ms (at 80 ms, the answers rolled and ornamented twice as often as the calls)
 _SHIFT_STEPS = np.arange(1, V.MAX_SHIFT + 1)
 _IOI_EDGES = np.geomspace(2, GROOVE_STEPS, 25)  # 24 log-spaced bins, 20 ms .. 2 s, as the rhythm metric
 _VELOCITY_BINS = np.arange(V.VELOCITY_BINS, dtype=np.float64)
@@ -119,16 +119,33 @@ class Sampler:
         c = np.cumsum(weights)
         return min(int(np.searchsorted(c, self.rng.random() * c[-1], side="right")), len(c) - 1)
 
-    def _overdue(self, decoder: codec.TokenDecoder | None) -> np.ndarray | None:
-        """How far past the call's long-note length each sounding key is (0 for the others)."""
+    def _release_due(self, decoder: codec.TokenDecoder | None,
+                     shifts: np.ndarray) -> tuple[float, np.ndarray, np.ndarray] | None:
+        """The release steer's view of the sounding keys, or None when it is off or none sound:
+        (how far past the call's long-note length the keys are, summed, in those lengths;
+         per key, how much it is due to be let go: that, plus what the model's likely waits add;
+         per TIME_SHIFT length, the overdue time, summed over the keys, that waiting so long adds).
+
+        A pianist lets go of a key some time after the call's own long-note length, the more
+        likely the longer it is overdue: a hazard in time. Judged per token only, one long
+        TIME_SHIFT would carry a key from before that length to far past it unjudged (with sparse
+        onsets: held notes 1.65x the pianists'), so waiting is priced by the integral of
+        (age / length - 1) over the wait. `shifts`: the model's odds of each shift length."""
         if decoder is None or self.release_gain <= 0.0 or self.hold_steps <= 0.0:
             return None
         onset = np.fromiter(decoder.onset, dtype=np.float64, count=V.N_PITCH)
+        sounding = onset >= 0
+        if not sounding.any():
+            return None
         age = self._age
-        np.subtract(decoder.step, onset, out=age)
-        age[onset < 0] = 0.0
-        over = np.maximum(age / self.hold_steps - 1.0, 0.0)
-        return over if over.any() else None
+        age[:] = 0.0
+        age[sounding] = (decoder.step - onset[sounding]) / self.hold_steps
+        over = np.maximum(age - 1.0, 0.0)
+        ends = age[sounding, None] + _SHIFT_STEPS[None, :] / self.hold_steps
+        added = 0.5 * (np.maximum(ends - 1.0, 0.0) ** 2 - over[sounding, None] ** 2)
+        due = over.copy()
+        due[sounding] += added @ (shifts / max(float(shifts.sum()), 1e-300))
+        return float(over.sum()), due, added.sum(axis=0)
 
     def sample(self, logits: np.ndarray, mask: np.ndarray | None = None,
                decoder: codec.TokenDecoder | None = None) -> int:
@@ -155,28 +172,36 @@ class Sampler:
             kinds[NOTE_KINDS] *= odds
             if off_share < 1.0:
                 kinds[OFF_KIND] = off_share / (1.0 - off_share) * (kinds.sum() - kinds[OFF_KIND])
-        overdue = self._overdue(decoder)
-        if overdue is not None:
-            # A pianist lets go: past the call's own long-note length, the odds of not releasing any
-            # key shrink the longer keys are overdue (the model, left alone, lets held notes pile up
-            # into a drone; a note it has lost track of would otherwise sound until the cap).
+        due = self._release_due(decoder, p[V.TIME_SHIFT:V.VELOCITY])
+        if due is not None:
+            overdue, keys_due, added = due
+            # Every kind but a release is a way of keeping the keys down: past the call's own
+            # long-note length its odds shrink the more the keys are overdue, and each wait is
+            # priced by what it adds (the model, left alone, lets held notes pile up into a drone;
+            # a note it has lost track of would otherwise sound until the cap).
             total = kinds.sum()
-            stay = (total - kinds[OFF_KIND]) * math.exp(-0.5 * self.release_gain * float(overdue.sum()))
+            stay = (total - kinds[OFF_KIND]) * math.exp(-0.5 * self.release_gain * overdue)
             kinds *= stay / max(total - kinds[OFF_KIND], 1e-300)
-            kinds[OFF_KIND] = total - stay
+            shift = p[V.TIME_SHIFT:V.VELOCITY]
+            kinds[SHIFT_KIND] *= float(shift @ np.exp(-self.release_gain * added)) / max(float(shift.sum()), 1e-300)
+            kinds[OFF_KIND] = total - (kinds.sum() - kinds[OFF_KIND])
         kind = self._draw(kinds)
         lo = int(KIND_STARTS[kind])
-        if lo == V.NOTE_OFF and overdue is not None:
-            # Prefer releasing the keys that are overdue, in proportion to how overdue.
+        if lo == V.NOTE_OFF and due is not None:
+            # Prefer releasing the keys that are due, in proportion to how overdue.
             off = p[V.NOTE_OFF:V.TIME_SHIFT]
-            w = off * np.exp(np.minimum(self.release_gain * overdue, 6.0)) + overdue * off.sum()
+            w = off * np.exp(np.minimum(self.release_gain * keys_due, 6.0)) + keys_due * off.sum()
             return self._count(lo + self._draw(w))
         if lo == V.VELOCITY and self.follow_dynamics > 0.0 and self.call_velocity >= 0:
             return self._count(lo + self._draw(self._dynamics(p[lo:int(KIND_ENDS[kind])])))
-        if lo == V.TIME_SHIFT and self.groove is not None and self.notes:
-            # Land where the call's onsets would land: each shift weighted by the groove where it ends.
-            ends = np.minimum(self.since + _SHIFT_STEPS, GROOVE_STEPS)
-            return self._count(lo + self._draw(p[lo:int(KIND_ENDS[kind])] * np.sqrt(self.groove[ends])))
+        if lo == V.TIME_SHIFT:
+            shifts = p[lo:int(KIND_ENDS[kind])]
+            if self.groove is not None and self.notes:
+                # Land where the call's onsets would land: each shift weighted by the groove where it ends.
+                shifts = shifts * np.sqrt(self.groove[np.minimum(self.since + _SHIFT_STEPS, GROOVE_STEPS)])
+            if due is not None:
+                shifts = shifts * np.exp(-self.release_gain * due[2])  # waiting is cut short where it costs
+            return self._count(lo + self._draw(shifts))
         if lo != V.NOTE_ON:
             return self._count(lo + self._draw(p[lo:int(KIND_ENDS[kind])]))
         return self._count(self._pitch(x[lo:int(KIND_ENDS[kind])]) + lo)
@@ -231,9 +256,14 @@ def _check_share(name: str, value: float) -> None:
 
 
 def groove(onsets: np.ndarray, strength: float) -> np.ndarray | None:
-    """Per elapsed step since an onset cluster: the call's inter-onset-interval density there over
-    its mean, to the power `strength`, within [1/8, 8] (None: fewer than 4 intervals to go by).
-    A call with a steady beat makes onsets likely on that beat and unlikely between."""
+    """Per elapsed step since an onset cluster: how much likelier the call makes an onset there
+    than a steady random player with the call's mean interval would, to the power `strength`,
+    within [1/8, 8] (None: fewer than 4 intervals to go by). That is the call's hazard (the share
+    of its intervals that end at this step, of those that have not ended before) over the flat
+    hazard of the same mean: a call with a steady beat makes onsets likely on that beat and
+    unlikely before it. (The interval density alone, used until 2026-12-02, left a step between
+    beats almost as likely as the beat: on held-out performances the answers' onsets fell on
+    the call's pulse half as often as the pianists' own.)"""
     if strength <= 0.0 or onsets is None or len(onsets) < 5:
         return None
     t = np.sort(np.asarray(onsets, dtype=np.float64)) / V.STEP_S
@@ -242,14 +272,16 @@ def groove(onsets: np.ndarray, strength: float) -> np.ndarray | None:
     if iois.size < 4:
         return None
     hist, _ = np.histogram(np.clip(iois, _IOI_EDGES[0], _IOI_EDGES[-1]), bins=_IOI_EDGES)
-    # Per step, with a little mass spread evenly over all steps. (Half a count per bin, as before,
-    # gave the narrow short-interval bins a density above the call's beat: the steer favoured the
-    # quick onsets a call did not have.)
+    # Per step, with a little mass spread evenly over all steps so that no step is ruled out.
     density = hist / np.diff(_IOI_EDGES) + 0.5 * hist.size / (_IOI_EDGES[-1] - _IOI_EDGES[0])
     steps = np.arange(GROOVE_STEPS + 1)
-    per_step = density[np.clip(np.searchsorted(_IOI_EDGES, steps, side="right") - 1, 0, len(density) - 1)]
-    ratio = np.clip(per_step / per_step[GROOVE_MIN:].mean(), 1 / 8, 8.0) ** strength
-    ratio[:GROOVE_MIN] = 1.0  # grace notes and rolled chords: the model's own business
+    pmf = density[np.clip(np.searchsorted(_IOI_EDGES, steps, side="right") - 1, 0, len(density) - 1)]
+    pmf[:GROOVE_MIN] = 0.0
+    pmf /= pmf.sum()
+    survival = 1.0 - np.concatenate([[0.0], np.cumsum(pmf)[:-1]])
+    hazard = pmf / np.maximum(survival, 1e-3)
+    ratio = np.clip(hazard * float(pmf @ steps), 1 / 8, 8.0) ** strength
+    ratio[:GROOVE_MIN] = 1.0  # the notes of a rolled chord: the model's own business
     return ratio
 
 

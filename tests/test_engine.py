@@ -233,6 +233,14 @@ def test_follow_articulation_lets_go_of_keys_held_past_the_calls_long_notes():
     steered = [held_for(1.0, i) for i in range(30)]
     assert all(0.5 <= t < 0.9 for t in steered), steered
     assert held_for(0.0, 0) == math.inf
+    # A model that only ever waits a whole second: one wait would carry the key from before the
+    # call's long-note length to twice past it. Waiting is priced by the overdue time it adds, so
+    # the key is let go before the wait or right after it, never a second wait later (judged per
+    # token only, it was held on past 1.5 s about one time in five).
+    logits[V.time_shift(1)] = -30.0
+    logits[V.time_shift(100)] = 0.0
+    waits = [held_for(1.0, i) for i in range(30)]
+    assert all(t <= 1.0 for t in waits) and any(t == 0.0 for t in waits), waits
     with pytest.raises(ValueError):
         Sampler(0, 1.0, 1.0, follow_articulation=2.0)
 
