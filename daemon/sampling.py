@@ -124,7 +124,8 @@ class Sampler:
         """The release steer's view of the sounding keys, or None when it is off or none sound:
         (how far past the call's long-note length the keys are, summed, in those lengths;
          per key, how much it is due to be let go: that, plus what the model's likely waits add;
-         per TIME_SHIFT length, the overdue time, summed over the keys, that waiting so long adds).
+         per TIME_SHIFT length, the factor on its odds: exp(-gain x the overdue time, summed over
+         the keys, that waiting so long adds)).
 
         A pianist lets go of a key some time after the call's own long-note length, the more
         likely the longer it is overdue: a hazard in time. Judged per token only, one long
@@ -145,7 +146,7 @@ class Sampler:
         added = 0.5 * (np.maximum(ends - 1.0, 0.0) ** 2 - over[sounding, None] ** 2)
         due = over.copy()
         due[sounding] += added @ (shifts / max(float(shifts.sum()), 1e-300))
-        return float(over.sum()), due, added.sum(axis=0)
+        return float(over.sum()), due, np.exp(-self.release_gain * added.sum(axis=0))
 
     def sample(self, logits: np.ndarray, mask: np.ndarray | None = None,
                decoder: codec.TokenDecoder | None = None) -> int:
@@ -172,9 +173,10 @@ class Sampler:
             kinds[NOTE_KINDS] *= odds
             if off_share < 1.0:
                 kinds[OFF_KIND] = off_share / (1.0 - off_share) * (kinds.sum() - kinds[OFF_KIND])
-        due = self._release_due(decoder, p[V.TIME_SHIFT:V.VELOCITY])
+        model_shifts = p[V.TIME_SHIFT:V.VELOCITY]
+        due = self._release_due(decoder, model_shifts)
         if due is not None:
-            overdue, keys_due, added = due
+            overdue, keys_due, wait_price = due
             # Every kind but a release is a way of keeping the keys down: past the call's own
             # long-note length its odds shrink the more the keys are overdue, and each wait is
             # priced by what it adds (the model, left alone, lets held notes pile up into a drone;
@@ -182,8 +184,7 @@ class Sampler:
             total = kinds.sum()
             stay = (total - kinds[OFF_KIND]) * math.exp(-0.5 * self.release_gain * overdue)
             kinds *= stay / max(total - kinds[OFF_KIND], 1e-300)
-            shift = p[V.TIME_SHIFT:V.VELOCITY]
-            kinds[SHIFT_KIND] *= float(shift @ np.exp(-self.release_gain * added)) / max(float(shift.sum()), 1e-300)
+            kinds[SHIFT_KIND] *= float(model_shifts @ wait_price) / max(float(model_shifts.sum()), 1e-300)
             kinds[OFF_KIND] = total - (kinds.sum() - kinds[OFF_KIND])
         kind = self._draw(kinds)
         lo = int(KIND_STARTS[kind])
@@ -195,12 +196,12 @@ class Sampler:
         if lo == V.VELOCITY and self.follow_dynamics > 0.0 and self.call_velocity >= 0:
             return self._count(lo + self._draw(self._dynamics(p[lo:int(KIND_ENDS[kind])])))
         if lo == V.TIME_SHIFT:
-            shifts = p[lo:int(KIND_ENDS[kind])]
+            shifts = model_shifts
             if self.groove is not None and self.notes:
                 # Land where the call's onsets would land: each shift weighted by the groove where it ends.
                 shifts = shifts * np.sqrt(self.groove[np.minimum(self.since + _SHIFT_STEPS, GROOVE_STEPS)])
             if due is not None:
-                shifts = shifts * np.exp(-self.release_gain * due[2])  # waiting is cut short where it costs
+                shifts = shifts * wait_price  # waiting is cut short where it costs
             return self._count(lo + self._draw(shifts))
         if lo != V.NOTE_ON:
             return self._count(lo + self._draw(p[lo:int(KIND_ENDS[kind])]))
