@@ -258,25 +258,37 @@ class SessionRecorder:
         write_atomically(self.mid_path, self.tracks.smf_bytes())
 
 
-def read_journal(path: Path) -> SmfTracks:
-    """Replay a journal; lines cut short by a crash (or otherwise unreadable) are skipped."""
+def journal_entries(path: Path) -> tuple[dict, list[tuple[int, float, str]]]:
+    """A journal's header and its lines as (kind, session time, text); lines cut short by a crash
+    (or otherwise unreadable) are skipped."""
+    entries = []
     with open(path, encoding="utf-8", errors="replace") as f:
         first = f.readline()
         try:
             header = json.loads(first[len(MAGIC):]) if first.startswith(MAGIC) else {}
         except ValueError:
             header = {}
-        tracks = SmfTracks(float(header.get("bpm", 120.0)), int(header.get("beats_per_bar", 4)),
-                           tuple(header.get("channels", (0, 1))))  # type: ignore[arg-type]
         for line in f:
             if not line.endswith("\n"):
                 break  # the crash cut this line short
             try:
                 tag, t, text = line[:-1].split(" ", 2)
-                kind = TAGS.index(tag)
-                tracks.apply(kind, float(t), [int(b) for b in text.split()] if kind in (PLAYER, ANTIPHON) else text)
+                entries.append((TAGS.index(tag), float(t), text))
             except ValueError:
                 continue
+    return header, entries
+
+
+def read_journal(path: Path) -> SmfTracks:
+    """Replay a journal into the tracks it was recording."""
+    header, entries = journal_entries(path)
+    tracks = SmfTracks(float(header.get("bpm", 120.0)), int(header.get("beats_per_bar", 4)),
+                       tuple(header.get("channels", (0, 1))))  # type: ignore[arg-type]
+    for kind, t, text in entries:
+        try:
+            tracks.apply(kind, t, [int(b) for b in text.split()] if kind in (PLAYER, ANTIPHON) else text)
+        except ValueError:
+            continue
     return tracks
 
 

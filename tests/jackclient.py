@@ -85,19 +85,13 @@ def journal_lines(record: Path, tag: str) -> list[tuple[float, str]]:
     """The lines tagged `tag` ("A": sent by antiphon, "M": a marker) of a daemon started with
     `--record record`, from its recording journal (made durable at each answer's end), with
     times on the daemon's clock, the probe's too (the journal counts from its header's origin)."""
-    import json
-
-    from antiphon.daemon.recorder import MAGIC
+    from antiphon.daemon.recorder import TAGS, journal_entries
 
     time.sleep(0.4)  # the idle look that makes the answer's end durable runs every 0.25 s
     out = []
     for journal in record.glob("*.journal"):
-        header, *lines = journal.read_text().splitlines()
-        origin = json.loads(header[len(MAGIC):])["origin"]
-        for line in lines:
-            if line.startswith(tag + " "):
-                _, t, *rest = line.split(" ", 2)
-                out.append((origin + float(t), rest[0] if rest else ""))
+        header, entries = journal_entries(journal)
+        out += [(header["origin"] + t, text) for kind, t, text in entries if kind == TAGS.index(tag)]
     return out
 
 
