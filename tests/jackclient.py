@@ -8,10 +8,7 @@ on sys.path) and offers its `jam_model` fixture to every test.
 from __future__ import annotations
 
 import os
-import select
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,8 +16,9 @@ import pytest
 
 from antiphon.daemon.config import JamConfig
 from antiphon.daemon.context import LOST_NOTE_OFF
+from antiphon.daemon.rigs import jackserver
 from antiphon.daemon.rigs.jackprobe import Probe
-from antiphon.daemon.rigs.jackserver import jam_log, orphan_safe, terminate
+from antiphon.daemon.rigs.jackserver import jam_log, terminate
 
 WAIT_MS = 300
 # Timing bounds. At the probe (through JACK, a second process and two shared cores) only what a
@@ -41,21 +39,10 @@ PHRASE = [(0.25 * i + d, [0x90 if d == 0 else 0x80, p, 90 if d == 0 else 0])
 
 
 def start_jam(jack, model, client: str, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "antiphon.daemon", "jam", *JAM, "--model", str(model), "--client-name", client,
-            *extra]
-    # stderr goes to a file, so a failing test can show what the daemon said while it still runs.
-    log = tempfile.NamedTemporaryFile("w+", prefix=f"{client}-", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen(orphan_safe(argv), env=jack.env, stdout=subprocess.PIPE, stderr=log, text=True)
-    proc.log_path = log.name  # type: ignore[attr-defined]
-    # The ports open first (a bad port name fails fast); the start-up line comes once the model is
-    # loaded: a phrase played before then would be answered too late, and its answer dropped.
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    line = proc.stdout.readline() if ready else ""
-    if not line.startswith("antiphon: listening on"):
-        proc.kill()
-        pytest.fail(f"antiphon jam did not start within 30 s (said {line!r}): {daemon_log(proc)}")
-    jack.wait_ports(f"{client}:in", f"{client}-out:out")
-    return proc
+    try:
+        return jackserver.start_jam(jack, client, [*JAM, "--model", str(model), *extra], timeout_s=30.0)
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 def daemon_log(proc: subprocess.Popen) -> str:

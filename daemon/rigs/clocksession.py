@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import select
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import numpy as np
 from antiphon.daemon.context import LOST_NOTE_OFF
 from antiphon.daemon.jam import read_trace_beats
 from antiphon.daemon.midiclock import CONTINUE, START, STOP
+from antiphon.daemon.rigs import jackserver
 from antiphon.daemon.rigs.clocklisten import BPM, SourceBeats, Tap
 from antiphon.daemon.rigs.jackprobe import Probe
 from antiphon.daemon.rigs.jackserver import JackServer, jam_log, orphan_safe, terminate
@@ -105,19 +105,8 @@ class Session:
 
 
 def start_jam(jack: JackServer, model: str, client: str, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "antiphon.daemon", "jam", *JAM_ARGS, "--client-name", client, *extra]
-    if model:
-        argv += ["--model", model]
-    log = tempfile.NamedTemporaryFile("w+", prefix=f"{client}-", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen(orphan_safe(argv), env=jack.env, stdout=subprocess.PIPE, stderr=log, text=True)
-    proc.log_path = log.name  # type: ignore[attr-defined]
-    ready, _, _ = select.select([proc.stdout], [], [], 60)
-    line = proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
-    if not line.startswith("antiphon: listening on"):
-        proc.kill()
-        raise RuntimeError(f"antiphon jam did not start (said {line!r}): {Path(log.name).read_text()[-2000:]}")
-    jack.wait_ports(f"{client}:in", f"{client}-out:out")
-    return proc
+    return jackserver.start_jam(jack, client, [*JAM_ARGS, *(["--model", model] if model else []), *extra],
+                                timeout_s=60.0)
 
 
 def stop_jam(proc: subprocess.Popen) -> str:

@@ -10,6 +10,7 @@ answering.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,24 @@ def terminate(proc: subprocess.Popen, grace_s: float = 10.0) -> int | None:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait(5)
+
+
+def start_jam(jack: JackServer, client: str, args: list[str], timeout_s: float = 30.0) -> subprocess.Popen:
+    """`antiphon jam --client-name client *args` on `jack`, once it is ready: its ports exist and it
+    has said it is listening (the model is loaded: a phrase played before then would be answered
+    too late). Its stderr goes to a file (`jam_log`), so what it says can be read while it runs.
+    RuntimeError, with what it said, when it does not start within `timeout_s`."""
+    argv = [sys.executable, "-m", "antiphon.daemon", "jam", "--client-name", client, *args]
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"{client}-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(orphan_safe(argv), env=jack.env, stdout=subprocess.PIPE, stderr=log, text=True)
+    proc.log_path = log.name  # type: ignore[attr-defined]
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    line = proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
+    if not line.startswith("antiphon: listening on"):
+        proc.kill()
+        raise RuntimeError(f"antiphon jam did not start within {timeout_s:.0f} s (said {line!r}): {jam_log(proc)[-3000:]}")
+    jack.wait_ports(f"{client}:in", f"{client}-out:out")
+    return proc
 
 
 def jam_log(proc: subprocess.Popen) -> str:
