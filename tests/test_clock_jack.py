@@ -60,10 +60,14 @@ def assert_on_the_sources_beats(s: C.Session) -> None:
         if s.scenario == "rolling":
             # No Start: each client counts beats from the first tick it heard, and the listener
             # (connected first) may have heard a tick or two more. The bar is a guess (docs/clock.md);
-            # the answers must still sit on the source's ticks, all at one offset.
+            # the answers must still sit on the source's ticks, all at one offset, within the other
+            # scenarios' tolerance (below): without real-time scheduling the dummy driver stalls,
+            # and every tick after a stall of about half a tick period comes that much late, which no
+            # listener on wall time can tell from a lost tick (CI: the listener counted one tick more
+            # than antiphon between two phrases).
             a0 = next(x for x in judged if x.source_beat is not None)
             counts_apart = (a.source_beat - a.traced_beats) * PPQN
-            assert abs(counts_apart - (a0.source_beat - a0.traced_beats) * PPQN) < 0.5, \
+            assert abs(counts_apart - (a0.source_beat - a0.traced_beats) * PPQN) < 2.5, \
                 f"phrase {a.phrase} moved against the source's ticks"
             continue
         # The source's beat: a JACK cycle lost around a Start takes its tick 0 away, and then, by

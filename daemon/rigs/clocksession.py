@@ -197,7 +197,15 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
     if s.transport != theirs:
         split = next((i for i, (a, b) in enumerate(zip(s.transport, theirs)) if a != b),
                      min(len(s.transport), len(theirs)))
-        since = moves[split][0] if split < len(moves) else moves[-1][0] if moves else -math.inf
+        if split < len(moves):
+            since = moves[split][0]
+        elif theirs[split] == "P":
+            # The listener lost a Stop that antiphon heard: the source's ticks stopped there, so
+            # everything before its last tick is common ground (seen: the session's final Stop lost,
+            # which left no phrase judged).
+            since = max((t for t, m in ref.heard if m[0] == 0xF8), default=-math.inf)
+        else:
+            since = moves[-1][0] if moves else -math.inf
         for a, t_off in zip(answers, offs):
             a.judged = t_off < since
     return s
