@@ -79,4 +79,4 @@ class Answer:
     shifts: dict[int, float] = field(default_factory=dict)  # pitch -> how far quantizing moved its note-on
     notes: int = 0
     done: bool = False
-    memory_mark: tuple[int, ...] = ()  # the session memory's lookup context at the answer's start
+    memory_mark: tuple = ()  # the session memory's lookup state at the answer's start

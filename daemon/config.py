@@ -147,7 +147,7 @@ class JamConfig:
     in_channel: int = _f(0, "listen on this MIDI channel 1-16 (0: all channels)")
     out_channel: int = _f(1, "answer on this MIDI channel 1-16")
     temperature: float = _f(0.85, "pitch temperature: lower stays closer to the call's key (timing is never cooled)")
-    top_p: float = _f(0.9, "nucleus mass of the pitch choice")
+    top_p: float = _f(0.95, "nucleus mass of the pitch choice")
     follow_density: float = _f(0.75, "0-1: the call's share of the answer's note rate, the model's being the rest "
                                      "(geometric; 0: the model's own)")
     follow_dynamics: float = _f(0.75, "0-1: how far the answer's loudness moves from the model's toward the "

@@ -160,7 +160,9 @@ class Conversation:
         memory = getattr(self.sampler, "memory", None)
         if memory is not None:  # what the memory looks up must be what was heard, not what was generated
             memory.restore(a.memory_mark)
-            memory.hear_tokens(a.tokens[:index + 1], learn=False)
+            if index >= 0:  # the pause before the answer, then what of it sounded
+                memory.hear_tokens(a.prefix, learn=False)
+                memory.hear_tokens(a.tokens[:index + 1], learn=False)
         if index < 0:
             self.engine.rollback(self.committed)
         else:
@@ -269,7 +271,9 @@ class Conversation:
                              answer_decoder(spec_enc, self.out_channel, self.cfg.max_note_s))
         self.spec_logits = np.array(logits, dtype=np.float32)
         memory = getattr(self.sampler, "memory", None)
-        self.answer.memory_mark = memory.mark() if memory is not None else ()
+        if memory is not None:
+            self.answer.memory_mark = memory.mark()
+            memory.hear_tokens(prefix, learn=False)  # the pause: the answer's first notes are a new cluster
         self.sampler.begin(self.call_notes, call_s, self.call_loudness / max(self.call_notes, 1),
                            long_note_s(self.call_holds), np.array(self.call_onsets))
 

@@ -15,14 +15,13 @@ import numpy as np
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
 from antiphon.daemon.config import Steers
-from antiphon.daemon.memory import SessionMemory, mix_pitch
+from antiphon.daemon.memory import CLUSTER_STEPS, SessionMemory, mix_pitch, mix_top
 
 # Event kinds as contiguous token ranges (specials, NOTE_ON, NOTE_OFF, TIME_SHIFT, VELOCITY, pedal).
 KIND_STARTS = np.array([0, V.NOTE_ON, V.NOTE_OFF, V.TIME_SHIFT, V.VELOCITY, V.SUSTAIN_ON])
 KIND_ENDS = np.append(KIND_STARTS[1:], V.VOCAB_SIZE)
 NOTE_KINDS = [1, 4]  # NOTE_ON, and VELOCITY, which only ever precedes a NOTE_ON
 OFF_KIND, SHIFT_KIND = 2, 3
-CLUSTER_STEPS = 3  # onsets within 30 ms are one cluster (a chord): free of the rhythm steer
 GROOVE_STEPS = 200  # the rhythm steer looks at inter-onset intervals from GROOVE_MIN steps up to 2 s
 GROOVE_MIN = 4  # from 40 ms (at 80 ms, the answers rolled and ornamented twice as often as the calls)
 _SHIFT_STEPS = np.arange(1, V.MAX_SHIFT + 1)
@@ -104,10 +103,10 @@ class Sampler:
         return math.exp(min(max(self.gain * math.log((expected + 1.0) / (self.notes + 1.0)), -4.0), 4.0))
 
     def _count(self, token: int) -> int:
+        if self.memory is not None:
+            self.memory.hear_token(token, learn=False)  # context for the next proposal, not material
         if V.NOTE_ON <= token < V.NOTE_OFF:
             self.notes += 1
-            if self.memory is not None:
-                self.memory.hear(token - V.NOTE_ON, learn=False)  # context for the next proposal, not material
             if self.since > CLUSTER_STEPS:
                 self.since = 0
         elif V.TIME_SHIFT <= token < V.VELOCITY:
@@ -234,9 +233,9 @@ class Sampler:
         if self.memory is None or self.memory_scale <= 0.0:
             return y
         weight, proposal = self.memory.propose()
-        if proposal is None:
-            return y
-        return mix_pitch(y, weight * self.memory_scale, proposal)
+        y = mix_pitch(y, weight * self.memory_scale, proposal)
+        weight, proposal, above, last = self.memory.propose_top()
+        return mix_top(y, weight * self.memory_scale, proposal, above, last)
 
     def _pitch(self, y: np.ndarray) -> int:
         y = self.pitch_logits(y)

@@ -35,9 +35,11 @@ def stream(lm, docs: Sequence[Sequence[int]], variants: Sequence[tuple[str, int]
     """Per scored token: model log p. Per note-on: the model's pitch log-odds given a note-on
     (128, float32), the played pitch, and per memory variant (viewpoint, max order) its match
     length and proposal (128, float32; zeros where nothing matched)."""
-    logp_all, pitch_logp, target, match, mem_p = [], [], [], [], []
+    logp_all, pitch_logp, target, match, mem_p, top = [], [], [], [], [], []
     for doc in docs:
-        memories = [SessionMemory(max_order=k, weight=1.0, half_order=0.0, viewpoint=v) for v, k in variants]
+        memories = [SessionMemory(max_order=k, weight=1.0, half_order=0.0, viewpoint=v, top_voice=False)
+                    for v, k in variants]
+        jam = SessionMemory()  # as shipped: its top voice, mixed in by `nll` as jam mixes it
         lm.reset()
         logits = lm.prefill([doc[0]])
         window = [doc[0]]
@@ -56,6 +58,13 @@ def stream(lm, docs: Sequence[Sequence[int]], variants: Sequence[tuple[str, int]
                     m.hear(tok - V.NOTE_ON)
                 match.append(row_k)
                 mem_p.append(row_p)
+                w, proposal, above, last = jam.propose_top()
+                add = np.full(V.N_PITCH, np.nan, np.float32)  # what mix_top adds in its band (NaN: outside)
+                if proposal is not None and w > 0.0:
+                    lo, hi = MEM.top_band(above, last)
+                    add[lo:hi] = w * np.log(proposal[lo:hi] + MEM.FLOOR)
+                top.append(add)
+            jam.hear_token(tok)
             if len(window) >= lm.context:  # jam's slide: keep the recent half, prefill it afresh
                 window = window[-(lm.context // 2):]
                 lm.reset()
@@ -65,11 +74,13 @@ def stream(lm, docs: Sequence[Sequence[int]], variants: Sequence[tuple[str, int]
     n = len(variants)
     return {"logp": np.array(logp_all), "pitch_logp": np.array(pitch_logp, np.float32).reshape(-1, V.N_PITCH),
             "target": np.array(target, dtype=np.int64), "match": np.array(match, dtype=float).reshape(-1, n),
-            "mem_p": np.array(mem_p, np.float32).reshape(-1, n, V.N_PITCH), "variants": [tuple(v) for v in variants]}
+            "mem_p": np.array(mem_p, np.float32).reshape(-1, n, V.N_PITCH), "variants": [tuple(v) for v in variants],
+            "top_add": np.array(top, np.float32).reshape(-1, V.N_PITCH)}
 
 
 def nll(s: dict, variant: tuple[str, int] | None = None, weight: float = 0.0, half_order: float = 1.0) -> float:
-    """Mean nats/token with the memory `variant` mixed in as jam mixes it (None or weight 0: the model alone)."""
+    """Mean nats/token with the memory `variant` mixed in as jam mixes it, the top voice too (None or
+    weight 0: the model alone)."""
     total = -s["logp"].sum()
     if variant is None or weight <= 0.0 or s["target"].size == 0:
         return float(total / s["logp"].size)
@@ -77,11 +88,29 @@ def nll(s: dict, variant: tuple[str, int] | None = None, weight: float = 0.0, ha
     k = np.maximum(s["match"][:, j], 0.0)
     w = np.where(k >= 1, weight * k / (k + half_order), 0.0)[:, None]
     mixed = s["pitch_logp"].astype(np.float64) + w * np.log(s["mem_p"][:, j].astype(np.float64) + MEM.FLOOR)
+    mixed = _mix_top(mixed, s["top_add"].astype(np.float64))
     mixed -= mixed.max(axis=1, keepdims=True)
     mixed -= np.log(np.exp(mixed).sum(axis=1, keepdims=True))
     rows = np.arange(s["target"].size)
     delta = -(mixed[rows, s["target"]] - s["pitch_logp"][rows, s["target"]]).sum()
     return float((total + delta) / s["logp"].size)
+
+
+def _mix_top(mixed: np.ndarray, add: np.ndarray) -> np.ndarray:
+    """memory.mix_top for every row at once: `add` in its band (not NaN), rescaled to keep the band's total."""
+    band = ~np.isnan(add) & np.isfinite(mixed)
+    rows = band.any(axis=1)
+    if not rows.any():
+        return mixed
+    m, a, b = mixed[rows], add[rows], band[rows]
+
+    def total(x: np.ndarray) -> np.ndarray:
+        x = np.where(b, x, -np.inf)
+        top = x.max(axis=1, keepdims=True)
+        return top[:, 0] + np.log(np.exp(x - top).sum(axis=1))
+
+    mixed[rows] = np.where(b, m + a + (total(m) - total(m + a))[:, None], m)
+    return mixed
 
 
 def shipped_constants() -> tuple[tuple[str, int], float, float]:

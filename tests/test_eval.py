@@ -11,6 +11,7 @@ import pytest
 
 from antiphon.daemon import cli, codec
 from antiphon.daemon import vocab as V
+from antiphon.daemon.memory import SessionMemory
 from antiphon.models import metrics as M
 from antiphon.models.markov import MarkovModel, baseline_for
 from antiphon.models.shards import write_split
@@ -193,3 +194,31 @@ def test_motif_echo_held_velocity_rhythm_and_copies():
     assert 30 <= m["velocity_mean"] <= 40 and 4 <= m["velocity_std"] <= 6
     assert M.phrase_metrics(call, call, 4.0, 4.0)["rhythm"] == 1.0
     assert M.phrase_metrics(call, phrase(motif * 2, step_s=1.0), 4.0, 4.0)["rhythm"] == 0.0
+
+
+def test_streamed_nll_mixes_the_top_voice_as_jam_does(tiny_model):
+    from antiphon.daemon.engine import Engine
+    from antiphon.daemon.memory import mix_pitch, mix_top
+    from antiphon.models import session_eval as SE
+
+    piece = codec.encode_file(SATIE)[:300]
+    lm = Engine(str(tiny_model.onnx), log=lambda _: None)
+    s = SE.stream(lm, [[V.BOS] + piece + piece], variants=(("interval", 6),))
+    banded = ~np.isnan(s["top_add"]).all(axis=1)
+    assert banded.mean() > 0.5  # the second time through, the top voice proposes at most note-ons
+    # Row by row, as the sampler mixes (memory.mix_pitch, then memory.mix_top), recomputed here.
+    jam = SessionMemory()
+    rows, i = [], 0
+    for tok in piece + piece:
+        if V.NOTE_ON <= tok < V.NOTE_OFF:
+            w, p = jam.propose()
+            mixed = mix_pitch(s["pitch_logp"][i].astype(np.float64), w, p)
+            rows.append(mix_top(mixed, *jam.propose_top()))
+            i += 1
+        jam.hear_token(tok)
+    mixed = np.array(rows)
+    mixed -= mixed.max(axis=1, keepdims=True)
+    mixed -= np.log(np.exp(mixed).sum(axis=1, keepdims=True))
+    by_rows = -(mixed[np.arange(i), s["target"]] - s["pitch_logp"][np.arange(i), s["target"]]).sum()
+    expected = (-s["logp"].sum() + by_rows) / s["logp"].size
+    assert SE.nll(s, *SE.shipped_constants()) == pytest.approx(expected, rel=1e-5)

@@ -7,7 +7,7 @@ import pytest
 
 from antiphon.daemon import vocab as V
 from antiphon.daemon.config import Steers
-from antiphon.daemon.memory import FLOOR, SessionMemory, mix_pitch, note_on_logprob
+from antiphon.daemon.memory import FLOOR, TOP_BAND, SessionMemory, mix_pitch, mix_top, note_on_logprob
 from antiphon.daemon.sampling import Sampler, jam_sampler
 
 MOTIF = [60, 64, 67, 72, 71, 67, 64, 62]
@@ -121,3 +121,73 @@ def test_sampler_takes_up_the_players_motif_only_when_asked():
     with pytest.raises(ValueError, match="memory"):
         jam_sampler(0, Steers(memory=1.5))
     assert Sampler(0, 1.0, 1.0).memory is None
+
+
+def melody_over_bass(melody: list[int], bass: int = 36) -> list[int]:
+    """Each melody note struck with a bass note a step (10 ms) under it, 200 ms apart: the top
+    voice is the melody, while successive note-ons alternate bass and tune."""
+    out = []
+    for p in melody:
+        out += [V.note_on(bass), V.time_shift(1), V.note_on(p), V.time_shift(19)]
+    return out
+
+
+def test_top_voice_memory_follows_the_tune_above_the_bass():
+    m = SessionMemory()
+    m.hear_tokens(melody_over_bass(MOTIF * 3))
+    assert m.top.heard == len(MOTIF) * 3 - 2  # intervals between cluster tops; the last cluster is still open
+    m.hear_tokens(melody_over_bass(MOTIF[:3]), learn=False)  # antiphon plays the tune's first three notes
+    weight, p, above, last = m.propose_top()
+    assert (above, last) == (-1, MOTIF[2])  # a new cluster: its next note-on may be the top
+    assert weight > 0 and int(np.argmax(p)) == MOTIF[3] and p[MOTIF[3]] > 0.8
+    # The bass of the next cluster is struck: only a note above it can be the cluster's top.
+    m.hear_token(V.note_on(36), learn=False)
+    assert m.propose_top()[2] == 36
+
+
+def test_top_voice_state_is_marked_and_restored():
+    m = SessionMemory()
+    m.hear_tokens(melody_over_bass(MOTIF * 3))
+    mark = m.mark()  # the player's last cluster is still open: antiphon's first note closes it
+    _, before, above, last = m.propose_top()
+    m.hear_tokens(melody_over_bass([80, 90, 85]), learn=False)
+    assert m.propose_top()[3] == 85
+    m.restore(mark)
+    _, after, above2, last2 = m.propose_top()
+    assert (above2, last2) == (above, last) and np.allclose(after, before)
+    assert m.top.heard == len(MOTIF) * 3 - 1  # the player's last top once, nothing antiphon played
+
+
+def test_mix_top_reshapes_only_the_tune_and_keeps_its_total():
+    model = np.log(np.full(V.N_PITCH, 1.0 / V.N_PITCH))
+    proposal = np.zeros(V.N_PITCH)
+    proposal[67] = 1.0
+    mixed = mix_top(model, 1.0, proposal, -1, 64)
+    band = slice(64 - TOP_BAND, 64 + TOP_BAND + 1)
+    outside = np.ones(V.N_PITCH, dtype=bool)
+    outside[band] = False
+    assert np.array_equal(mixed[outside], model[outside])  # bass and far voices keep the model's odds
+    assert np.exp(mixed[band]).sum() == pytest.approx(np.exp(model[band]).sum())
+    assert np.exp(mixed[67]) > 0.9 * np.exp(model[band]).sum()
+    # Above a cluster's top so far only: what lies under it cannot become the top.
+    over = mix_top(model, 1.0, proposal, 66, 64)
+    assert np.array_equal(over[:67], model[:67])
+    assert mix_top(model, 1.0, None, -1, 64) is model and mix_top(model, 0.0, proposal, -1, 64) is model
+
+
+def test_sampler_takes_up_the_players_tune_over_a_bass():
+    logits = np.zeros(V.VOCAB_SIZE, dtype=np.float32)
+    logits[V.NOTE_ON:V.NOTE_OFF] = 5.0  # a flat pitch choice
+    mask = np.zeros(V.VOCAB_SIZE, dtype=bool)
+    mask[V.NOTE_ON:V.NOTE_OFF] = True
+
+    def next_top(memory: float, seed: int) -> int:
+        s = jam_sampler(seed, Steers(memory=memory))
+        s.memory.hear_tokens(melody_over_bass(MOTIF * 4))
+        s.memory.hear_tokens(melody_over_bass(MOTIF[:5]), learn=False)
+        s.memory.hear_token(V.note_on(36), learn=False)  # the next cluster's bass is down
+        return s.sample(logits, mask) - V.NOTE_ON
+
+    with_memory = np.mean([next_top(1.0, i) == MOTIF[5] for i in range(300)])
+    without = np.mean([next_top(0.0, i) == MOTIF[5] for i in range(300)])
+    assert with_memory > 0.08 and without < 0.03
