@@ -126,6 +126,7 @@ class Steers:
     follow_dynamics: float = 0.0
     follow_articulation: float = 0.0
     follow_rhythm: float = 0.0
+    follow_register: float = 0.0
     memory: float = 0.0
 
     @classmethod
@@ -156,6 +157,9 @@ class JamConfig:
                                           "percentile) grow ever more likely to be released (0: the model's own odds)")
     follow_rhythm: float = _f(1.0, "0-1: answer onsets favour the inter-onset intervals of the call (its beat) "
                                     "and avoid the others (0: the model's own timing)")
+    follow_register: float = _f(1.0, "0-1: while the answer has not reached the low or the high end of the call's "
+                                      "range, notes there grow likelier, by this many nats per second (0: the "
+                                      "model's own register)")
     memory: float = _f(1.0, "0-1: how much the answer draws on what you played this session (the session "
                             "memory's proposals mixed into the pitch choice; 1: as fitted, 0: off)")
     wait_ms: int = _f(400, "ms of silence, no key down, after the player's last event that end a phrase", "--wait")

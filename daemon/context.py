@@ -70,6 +70,7 @@ class Conversation:
         self.key_down_at: dict[int, float] = {}  # when each held key was struck
         self.call_holds: deque[float] = deque(maxlen=64)  # recent key-down lengths: the answer's articulation
         self.call_onsets: deque[float] = deque(maxlen=256)  # this call's note-on times: the answer's rhythm
+        self.call_range = (-1, -1)  # this call's lowest and highest pitch: the answer's register
         self.last_event = 0.0
         self.answer: Answer | None = None
         self.awaiting: int | None = None  # gen whose `heard` reply we wait for
@@ -131,7 +132,9 @@ class Conversation:
             if self.phrase_start is None:
                 self.phrase_start, self.call_notes, self.call_loudness = t, 0, 0
                 self.call_onsets.clear()
+                self.call_range = (d1, d1)
             self.call_onsets.append(t)
+            self.call_range = (min(self.call_range[0], d1), max(self.call_range[1], d1))
             self.call_notes += 1
             self.call_loudness += d2
         elif status in (codec.NOTE_OFF_STATUS, codec.NOTE_ON_STATUS):
@@ -275,7 +278,7 @@ class Conversation:
             self.answer.memory_mark = memory.mark()
             memory.hear_tokens(prefix, learn=False)  # the pause: the answer's first notes are a new cluster
         self.sampler.begin(self.call_notes, call_s, self.call_loudness / max(self.call_notes, 1),
-                           long_note_s(self.call_holds), np.array(self.call_onsets))
+                           long_note_s(self.call_holds), np.array(self.call_onsets), self.call_range)
 
     def wants_work(self) -> bool:
         return self.answer is not None and not self.answer.done and self.awaiting is None
