@@ -42,10 +42,13 @@ HALF_ORDER = 1.0  # the match length at which the weight is half of WEIGHT
 MAX_CONTEXTS = 16384
 VIEWPOINT = "interval"
 FLOOR = 1e-3  # added to the memory's proposal: an unproposed pitch is discouraged, never forbidden
-# The top-voice memory, chosen on unreported sets (two sets of training-split performances by
-# composers not in valid_perf: motif echo 0.30 -> 0.71 and 0.47 -> 0.84 of the pianists', register
-# 0.90 -> 0.92 and 0.91 -> 0.90; valid_score's polyphonic works 0.65 -> 1.50, copies of the call 0 %).
+# The top-voice memory, chosen on unreported sets of training-split works (docs/model.md): three
+# sets of performances by composers not in valid_perf (one of lyrical pieces: nocturnes, slow
+# movements) and valid_score's polyphonic works. With the register steer, weight 1.0 -> 1.5 took
+# motif echo 0.65 / 0.68 / 0.47 -> 0.90 / 0.89 / 0.86 of the pianists' (polyphonic works 1.42 ->
+# 1.64), key agreement 0.94 on all, register 0.92-1.00, no copies of the call; 2.0 lost key (0.91).
 TOP_ORDER = 4
+TOP_WEIGHT = 1.5
 TOP_BAND = 12  # semitones either side of the tune's last note where its next note is looked for
 CLUSTER_STEPS = 3  # note-ons within 30 ms of a cluster's first are one cluster (a chord)
 _NO_CLUSTER = (-CLUSTER_STEPS - 1, -1, False)  # (step it began, its top so far, the player's?)
@@ -59,7 +62,8 @@ class SessionMemory:
     variation, where exact pitches would invite a copy); "pitch" models the pitches themselves."""
 
     def __init__(self, max_order: int = MAX_ORDER, weight: float = WEIGHT, half_order: float = HALF_ORDER,
-                 max_contexts: int = MAX_CONTEXTS, viewpoint: str = VIEWPOINT, top_voice: bool = True):
+                 max_contexts: int = MAX_CONTEXTS, viewpoint: str = VIEWPOINT, top_voice: bool = True,
+                 top_weight: float = TOP_WEIGHT):
         if viewpoint not in ("interval", "pitch"):
             raise ValueError(f"viewpoint must be 'interval' or 'pitch', got {viewpoint!r}")
         self.max_order, self.weight, self.half_order = max_order, weight, half_order
@@ -76,7 +80,7 @@ class SessionMemory:
         self._distinct = 0
         # The top voice: its own memory of the intervals between cluster tops, and the open
         # cluster (step it began, its top so far, whether the player's), closed by a later note-on.
-        self.top = SessionMemory(TOP_ORDER, weight, half_order, max_contexts, "interval", False) if top_voice else None
+        self.top = SessionMemory(TOP_ORDER, top_weight, half_order, max_contexts, "interval", False) if top_voice else None
         self._step = 0
         self._cluster = _NO_CLUSTER
 
