@@ -195,7 +195,6 @@ class SessionMemory:
             p[:] = q
         return self.weight * order / (order + self.half_order), p
 
-
     def propose_top(self) -> tuple[float, np.ndarray | None, int, int]:
         """(weight, distribution over pitches, the open cluster's top so far or -1, the top voice's
         last note) for the next note-on as the top voice's next note; (0, None, ..) when the top
