@@ -224,12 +224,13 @@ def test_the_input_channel_filter_and_what_counts_as_music():
     assert not listens_to([0xE0, 0, 64], 0) and not listens_to([0xF8], 0) and not listens_to([0xD0, 40], 0)
 
 
-def test_the_answer_sampler_is_told_each_calls_note_rate():
+def test_the_answer_sampler_is_told_each_calls_rate_loudness_lengths_onsets_and_range():
     h = Harness(wait_ms=400)
     told = []
     begin = h.conv.sampler.begin
-    h.conv.sampler.begin = lambda notes, seconds, loud, hold, onsets: (
-        told.append((notes, round(seconds, 6), loud, hold, list(onsets))), begin(notes, seconds, loud, hold, onsets))
+    h.conv.sampler.begin = lambda notes, seconds, loud, hold, onsets, span: (
+        told.append((notes, round(seconds, 6), loud, hold, list(onsets), span)),
+        begin(notes, seconds, loud, hold, onsets, span))
     call(h)  # two notes over 0.6 s
     assert told[-1][:2] == (2, 0.6)
     h.generate()
@@ -242,3 +243,4 @@ def test_the_answer_sampler_is_told_each_calls_note_rate():
     # The key-down lengths heard so far (0.3, 0.3; 0.5, 0.4, 0.3): the long-note length is their 90th percentile.
     assert told[-1][3] == pytest.approx(np.percentile([0.3, 0.3, 0.5, 0.4, 0.3], 90))
     assert told[-1][4] == [20.0, 20.1, 20.2]  # this call's onsets: the answer's rhythm follows them
+    assert told[-1][5] == (60, 62)  # this call's lowest and highest pitch: the answer's register
