@@ -202,8 +202,17 @@ class SessionMemory:
         if self.top is None:
             return 0.0, None, -1, -1
         self._close_cluster()
+        if self._one_line():
+            return 0.0, None, self._cluster[1], self.top.last
         weight, p = self.top.propose()
         return weight, p, self._cluster[1], self.top.last
+
+    def _one_line(self) -> bool:
+        """The recent notes are the top voice itself (a single line, as in a folk tune): the notes
+        memory already proposes the tune's next step, and proposing it twice over-weights it
+        (streamed NLL on valid_score's tunes 1.086 -> 1.27, register 0.90 -> 0.81)."""
+        k = min(len(self.recent), len(self.top.recent))
+        return k > 0 and self.last == self.top.last and list(self.recent)[-k:] == list(self.top.recent)[-k:]
 
 
 def mix_top(logp: np.ndarray, weight: float, top_p: np.ndarray | None, above: int, last: int) -> np.ndarray:
