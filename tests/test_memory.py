@@ -191,3 +191,16 @@ def test_sampler_takes_up_the_players_tune_over_a_bass():
     with_memory = np.mean([next_top(1.0, i) == MOTIF[5] for i in range(300)])
     without = np.mean([next_top(0.0, i) == MOTIF[5] for i in range(300)])
     assert with_memory > 0.08 and without < 0.03
+
+
+def test_a_single_line_is_not_proposed_twice():
+    """Where the recent notes are the top voice itself, the notes memory already proposes the
+    line's next step: the top voice stays out (a doubled proposal over-weighted folk tunes)."""
+    line = [t for p in MOTIF * 3 for t in (V.note_on(p), V.time_shift(20))]
+    m = SessionMemory()
+    m.hear_tokens(line)
+    assert m.top.heard == len(MOTIF) * 3 - 2 and m.propose()[1] is not None
+    weight, p, _, _ = m.propose_top()
+    assert weight == 0.0 and p is None
+    m.hear_tokens(melody_over_bass(MOTIF[:3]), learn=False)  # now with a bass under the tune
+    assert m.propose_top()[1] is not None
