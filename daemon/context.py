@@ -190,16 +190,20 @@ class Conversation:
         # end. Speculating there would start (and at once cancel) an answer per event, and a flood
         # would replay its whole backlog once per event.
         events = deferred + backlog
+        end_at, self.end_at = self.end_at, None
+        if end_at is not None and (not self.enabled or any(t > end_at for t, _ in events)):
+            end_at = None  # the call went on after the end-of-call press
         self.replaying = True
         try:
             for i, (t, msg) in enumerate(events):
-                self.replaying = i < len(events) - 1
+                self.replaying = end_at is not None or i < len(events) - 1  # the press is the phrase end
                 self.on_midi(t, msg)
         finally:
             self.replaying = False
-        end_at, self.end_at = self.end_at, None
-        if end_at is not None and self._may_answer():
-            self._speculate(end_at)
+        if end_at is not None:
+            self.keys_down.clear()  # a foot switch ends the call even over held keys
+            if self._may_answer():
+                self._speculate(end_at)
 
     def check_held(self, now: float) -> None:
         """Keys down with no player event for max_note_s are taken as released: under a flood or
@@ -234,15 +238,23 @@ class Conversation:
 
     def end_call(self, t: float) -> None:
         """The player says the call is over at t: answer from t, without waiting wait_ms."""
-        if not self.enabled or self.phrase_start is None:
+        if not self.enabled:
+            return
+        if self.awaiting is not None:
+            # An answer is being dropped (the call's first notes cut in on the last one, or its last
+            # notes on a speculation) and the call waits in the backlog: the press applies once the
+            # scheduler's reply is in. Ignored until 2026-12-02: a press right after the call's last
+            # note was lost whenever the reply was slow (CI, no real-time scheduling).
+            self.end_at = t
+            return
+        if self.phrase_start is None:
             return
         a = self.answer
         if a is None:
-            if self.awaiting is None:
-                self.keys_down.clear()  # a foot switch ends the call even over held keys
-                self._speculate(t)
+            self.keys_down.clear()  # a foot switch ends the call even over held keys
+            self._speculate(t)
             return
-        if a.start <= t or self.awaiting is not None:
+        if a.start <= t:
             return  # already answering
         self.awaiting, self.end_at = a.gen, t  # re-plan once the scheduler has dropped the speculation
         self.cancel(a.gen)

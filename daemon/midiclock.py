@@ -65,8 +65,16 @@ SAME_INTERVAL = 0.2
 # shorter ones are a late bunch arriving, longer ones a gap.
 TEMPO_JUMP = 2.5
 # No tick for this many periods (and at least LOST_MIN_S) means the clock is gone: free time.
+# Shorter silences are a stalled graph far more often than a source gone without a Stop, and the
+# line's extrapolation is the best beat there is (CI: a stall of over 0.25 s put an answer in free
+# time, 0.3 beat off the source's beat).
 LOST_PERIODS = 6.0
-LOST_MIN_S = 0.25
+LOST_MIN_S = 1.0
+# A stall only ever delays a tick; a lost tick's successor comes one period after the missing
+# slot, give or take the jitter. So a tick this far short of the next-but-one slot still counts
+# as following lost ticks; one earlier is a late tick (rounding at half a period read a stall of
+# 0.5-0.75 period, common without real-time scheduling, as a lost tick: one tick early for good).
+LOST_EARLY = 0.25
 # Across a gap longer than this the line's extrapolation is not trusted for the tempo: the fit
 # restarts (the position is still re-derived from the line, the best guess there is).
 BRIDGE_S = 4.0
@@ -193,7 +201,7 @@ class ClockFollower:
                 if gap > BRIDGE_S:
                     self._n = 0  # keep the position the line gives, but fit the tempo afresh
                     self._prior = 0.0
-                self._count(1 if self._slower(gap, p) else 1 + max(0, round(d)), t)
+                self._count(1 if self._slower(gap, p) else 1 + max(0, math.floor(d + LOST_EARLY)), t)
         if self._running and not self._locked:
             self._offset, self._locked = self._next_tick - self._index, True
         elif not self._running and not self._heard_transport:

@@ -47,8 +47,9 @@ TRANSPORT_MARKERS = {M.START: "start", M.CONTINUE: "continue", M.STOP: "stop"}
 # Measured with jack_midi_clock and a busy Python thread: 4.0 ms median lateness of the Python
 # stamps, 0.05 ms idle (docs/clock.md).
 STAMP_WINDOW = 32
-# Ticks missing this long while the transport runs: the log says the clock went quiet.
-QUIET_S = 1.0
+# Ticks missing this long while the transport runs: the follower has let go of the line (answers
+# in free time), and the log says the clock went quiet.
+QUIET_S = M.LOST_MIN_S
 
 
 class Studio:

@@ -68,28 +68,50 @@ def sounding(messages) -> set[tuple[int, int]]:
     return on
 
 
-def journal_lines(record: Path, tag: str) -> list[tuple[float, str]]:
+def journal_lines(record: Path, tag: str, active_at: float) -> list[tuple[float, str]]:
     """The lines tagged `tag` ("A": sent by antiphon, "M": a marker) of a daemon started with
-    `--record record`, from its recording journal (made durable at each answer's end), with
-    times on the daemon's clock, the probe's too (the journal counts from its header's origin)."""
-    from antiphon.daemon.recorder import TAGS, journal_entries
+    `--record record`, from its recording journal, with times on the daemon's clock, the probe's
+    too (the journal counts from its header's origin). The journal is flushed at each answer's end
+    (a durable point, tag "E"), which the scheduler notices on its next idle look (every 0.25 s),
+    then fsynced: this waits (up to 10 s) for one after `active_at`, a time the answer was playing.
+    A fixed 0.4 s was too short on a busy CI machine."""
+    from antiphon.daemon.recorder import PHRASE_END, TAGS, journal_entries
 
-    time.sleep(0.4)  # the idle look that makes the answer's end durable runs every 0.25 s
-    out = []
-    for journal in record.glob("*.journal"):
-        header, entries = journal_entries(journal)
-        out += [(header["origin"] + t, text) for kind, t, text in entries if kind == TAGS.index(tag)]
-    return out
+    deadline = time.perf_counter() + 10.0
+    while True:
+        out, durable = [], False
+        for journal in record.glob("*.journal"):
+            header, entries = journal_entries(journal)
+            out += [(header["origin"] + t, text) for kind, t, text in entries if kind == TAGS.index(tag)]
+            durable |= any(kind == PHRASE_END and header["origin"] + t > active_at for kind, t, _ in entries)
+        if durable or time.perf_counter() > deadline:
+            return out
+        time.sleep(0.05)
 
 
-def sent_by_daemon(record: Path) -> list[tuple[float, list[int]]]:
-    """What the daemon sent, as (time, message)."""
-    return [(t, [int(b) for b in text.split()]) for t, text in journal_lines(record, "A")]
+def sent_by_daemon(record: Path, active_at: float) -> list[tuple[float, list[int]]]:
+    """What the daemon sent, as (time, message), up to the end of the answer playing at `active_at`."""
+    return [(t, [int(b) for b in text.split()]) for t, text in journal_lines(record, "A", active_at)]
 
 
-def answers_due(record: Path) -> list[float]:
-    """When the daemon meant each answer's first note to sound (its recording's markers)."""
-    return sorted(t for t, text in journal_lines(record, "M") if text.startswith("answer "))
+def answers_due(record: Path, active_at: float) -> list[float]:
+    """When the daemon meant each answer's first note to sound (its recording's markers), up to the
+    answer playing at `active_at`."""
+    return sorted(t for t, text in journal_lines(record, "M", active_at) if text.startswith("answer "))
+
+
+def first_answer_note(probe: Probe, record: Path, since: float) -> tuple[float, float | None]:
+    """When the daemon sent its first note-on after `since` (a call's end), by its recording
+    journal, and when the probe heard that very note, before the key was struck again (None: JACK
+    dropped its cycle for the probe; seen in 1 of 9 runs without real-time scheduling, where the
+    same key struck again 452 ms later was taken for the answer's first note)."""
+    sent = sorted(sent_by_daemon(record, since))
+    found = [(t, m) for t, m in sent if t > since and m[0] & 0xF0 == 0x90 and m[2]]
+    assert found, f"no note-on after {since} in the journal: {sent[-5:]}, files {list(record.iterdir())}"
+    t, msg = found[0]
+    again = next((u for u, m in sent if u > t and m[:2] == msg[:2] and m[2]), float("inf"))
+    heard = [h for h, m in probe.since(t - 0.005) if m[:2] == msg[:2] and m[2] and h < again]
+    return t, heard[0] if heard else None
 
 
 def assert_closed(heard, record: Path, proc: subprocess.Popen, by: float | None = None) -> None:
@@ -101,7 +123,8 @@ def assert_closed(heard, record: Path, proc: subprocess.Popen, by: float | None 
     left = sounding([(t, m) for t, m in heard if by is None or t <= by])
     if not left:
         return
-    sent = [(t, m) for t, m in sent_by_daemon(record) if by is None or t <= by]
+    # Every message the probe heard is the answer's, so the answer was playing at the last of them.
+    sent = [(t, m) for t, m in sent_by_daemon(record, max(t for t, _ in heard)) if by is None or t <= by]
     assert sent and sounding(sent) == set(), f"notes {left} left sounding; {daemon_log(proc)}"
     print(f"note-offs for {left} sent by antiphon but lost by JACK")
 

@@ -100,3 +100,31 @@ def test_demo_without_a_midi_system_names_the_package(monkeypatch, tmp_path):
     with pytest.raises(UserError, match=r"--api jack needs .*jackd2"):
         demo.midi_system("jack")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_first_answer_note_the_ears_missed_is_timed_by_the_recording(tmp_path):
+    """JACK dropped the answer's first note on its way to the demo's ears (the next note came 572
+    ms on, CI): the summary times that answer by the jam's recording, when it sent the note."""
+    from antiphon.daemon.recorder import SessionRecorder
+
+    rec = SessionRecorder(tmp_path, origin=100.0)
+    rec.player(100.0, [0x90, 60, 80])
+    rec.player(100.5, [0x80, 60, 0])
+    rec.player(100.6, [0xB0, 64, 0])  # the pedal let go: the call's last event
+    rec.antiphon(101.003, [0x90, 74, 86])  # 3 ms after the 400 ms wait
+    rec.antiphon(101.5, [0x90, 73, 70])
+    rec.antiphon(101.9, [0x80, 74, 0])
+    rec.antiphon(101.9, [0x80, 73, 0])
+    mid = rec.close()
+    firsts = demo.recorded_firsts(mid, 0.4)
+    assert len(firsts) == 1 and firsts[0][1] == 74 and firsts[0][0] == pytest.approx(3.0, abs=1.0)
+
+    s = demo.Session()
+    s.calls, s.ends = [[(0.0, [0x90, 60, 80])]], [200.6]
+    heard = [(201.5, [0x90, 73, 70])]
+    s.firsts = [(201.5, 73)]  # the ears' first note: the answer's second
+    assert "first note came 500.0 ms" in demo.summary(s, heard, 0.4)
+    line = demo.summary(s, heard, 0.4, firsts)
+    assert re.search(r"first note came [23]\.\d ms", line), line
+    s.firsts = [(201.004, 74)]  # heard it: the ears' figure stands
+    assert "first note came 4.0 ms" in demo.summary(s, [(201.004, [0x90, 74, 86])], 0.4, firsts)

@@ -244,3 +244,27 @@ def test_the_answer_sampler_is_told_each_calls_rate_loudness_lengths_onsets_and_
     assert told[-1][3] == pytest.approx(np.percentile([0.3, 0.3, 0.5, 0.4, 0.3], 90))
     assert told[-1][4] == [20.0, 20.1, 20.2]  # this call's onsets: the answer's rhythm follows them
     assert told[-1][5] == (60, 62)  # this call's lowest and highest pitch: the answer's register
+
+
+def test_end_of_call_pressed_while_a_speculation_is_being_dropped_still_ends_the_call():
+    """The call's last note cancels the speculation made at the note before; the end-of-call press
+    comes before the scheduler has said what of it was sent (CI, no real-time scheduling). The
+    press must not be lost: once the reply is in, the answer starts at the press."""
+    h = Harness(wait_ms=400)
+    end = call(h)
+    gen = h.conv.gen
+    h.play(end + 0.1, ON, 67, 90, reply=False)  # the call goes on: the speculation is cancelled
+    h.play(end + 0.2, OFF, 67, reply=False)  # held back until the scheduler replies
+    assert h.conv.awaiting == gen
+    h.conv.end_call(end + 0.21)
+    h.conv.on_heard(gen, -1)
+    assert h.conv.answer is not None and h.conv.answer.start == pytest.approx(end + 0.21)
+    # A note after the press: the call went on, the press is void; its phrase end + wait stands.
+    h = Harness(wait_ms=400)
+    end = call(h)
+    gen = h.conv.gen
+    h.play(end + 0.1, ON, 67, 90, reply=False)
+    h.conv.end_call(end + 0.15)
+    h.play(end + 0.2, OFF, 67, reply=False)
+    h.conv.on_heard(gen, -1)
+    assert h.conv.answer is not None and h.conv.answer.start == pytest.approx(end + 0.2 + 0.4)

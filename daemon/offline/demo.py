@@ -124,14 +124,55 @@ def start_jam(server: Any, api: str, cfg: DemoConfig, keys: Any, record: Path, l
     return proc
 
 
-def first_note(keys: Any, since: float, timeout: float = ANSWER_TIMEOUT_S) -> float | None:
+def first_note(keys: Any, since: float, timeout: float = ANSWER_TIMEOUT_S) -> tuple[float, int] | None:
+    """(when, key) of the first note-on heard after `since`."""
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
         for t, m in keys.since(since):
             if m[0] & 0xF0 == NOTE_ON and m[2] > 0:
-                return t
+                return t, m[1]
         time.sleep(0.005)
     return None
+
+
+def recorded_firsts(midi: Path, wait_s: float) -> list[tuple[float, int]]:
+    """Per answer in the jam's recording: (ms from the call's last event + the wait to the answer's
+    first note-on, its key), on the jam's own clock: when it sent that note."""
+    import mido
+
+    mid = mido.MidiFile(str(midi))
+    tempos, t = [], 0  # (tick, microseconds per beat), from the first track
+    for msg in mid.tracks[0]:
+        t += msg.time
+        if msg.type == "set_tempo":
+            tempos.append((t, msg.tempo))
+
+    def seconds(tick: int) -> float:
+        out, at, tempo = 0.0, 0, 500_000
+        for when, new in tempos:
+            if when >= tick:
+                break
+            out += mido.tick2second(when - at, mid.ticks_per_beat, tempo)
+            at, tempo = when, new
+        return out + mido.tick2second(tick - at, mid.ticks_per_beat, tempo)
+
+    events = []
+    for track in mid.tracks:
+        if track.name in ("player", "antiphon"):
+            t = 0
+            for msg in track:
+                t += msg.time
+                if not msg.is_meta:
+                    events.append((seconds(t), track.name == "antiphon", msg))
+    events.sort(key=lambda e: e[0])
+    firsts, call_end = [], None
+    for t, ours, msg in events:
+        if not ours:
+            call_end = t
+        elif call_end is not None and msg.type == "note_on" and msg.velocity:
+            firsts.append((1000 * (t - call_end - wait_s), msg.note))
+            call_end = None
+    return firsts
 
 
 class Session:
@@ -140,7 +181,7 @@ class Session:
     def __init__(self) -> None:
         self.calls: list[list[tuple[float, list[int]]]] = []
         self.ends: list[float] = []
-        self.firsts: list[float | None] = []
+        self.firsts: list[tuple[float, int] | None] = []  # (when, key) of each answer's first note heard
         self.barge_at: float | None = None
 
 
@@ -149,7 +190,7 @@ def play(keys: Any, phrases: list, wait_s: float) -> Session:
     for k, phrase in enumerate(phrases):
         if k == 1 and s.firsts[0] is not None:
             # Cut in on the first answer, as a player who has heard enough does.
-            time.sleep(max(0.0, s.firsts[0] + BARGE_AFTER_S - time.perf_counter()))
+            time.sleep(max(0.0, s.firsts[0][0] + BARGE_AFTER_S - time.perf_counter()))
         elif k > 0:
             keys.wait_quiet(QUIET_S, timeout=30.0)
         sent = keys.play(phrase)
@@ -162,11 +203,19 @@ def play(keys: Any, phrases: list, wait_s: float) -> Session:
     return s
 
 
-def summary(s: Session, heard: list[tuple[float, list[int]]], wait_s: float) -> str:
+def summary(s: Session, heard: list[tuple[float, list[int]]], wait_s: float,
+            recorded: list[tuple[float, int]] | None = None) -> str:
+    """`recorded`: recorded_firsts of the jam's recording. Where the first note heard is not the
+    answer's first (JACK dropped a cycle on the way to the demo's ears: seen without real-time
+    scheduling, the next note 572 ms on), the recording says when the jam sent it."""
     played = sum(1 for c in s.calls for _, m in c if m[0] & 0xF0 == NOTE_ON and m[2] > 0)
     answered = [m[1] for _, m in heard if m[0] & 0xF0 == NOTE_ON and m[2] > 0]
     answers = sum(f is not None for f in s.firsts)
-    late = [1000 * (f - e - wait_s) for f, e in zip(s.firsts, s.ends) if f is not None]
+    late = []
+    for k, (f, e) in enumerate(zip(s.firsts, s.ends)):
+        if f is not None:
+            sent = recorded[k] if recorded is not None and k < len(recorded) else None
+            late.append(sent[0] if sent is not None and sent[1] != f[1] else 1000 * (f[0] - e - wait_s))
     barge = ""
     if s.barge_at is not None and s.firsts[0] is not None:
         # Allow for what was already on its way when the player came in (a JACK hop or two).
@@ -217,7 +266,7 @@ def run(cfg: DemoConfig, log: Any = print) -> tuple[str, list[Path], list[str]]:
             written.append(path)
         except UserError as e:
             missing.append(f"{path.name}: {e}")
-    return summary(session, heard, wait_s), written, missing
+    return summary(session, heard, wait_s, recorded_firsts(midi, wait_s)), written, missing
 
 
 def main(args: Any) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from antiphon.daemon.midiclock import LOST_EARLY
 from antiphon.daemon.rigs.jackserver import JackServer, orphan_safe
 
 BPM = 100.0
@@ -148,8 +149,8 @@ class SourceBeats:
     def from_heard(cls, heard: list[tuple[float, list[int]]], bpm: float = BPM) -> SourceBeats:
         """Ticks are counted, not placed on a nominal grid: the source's clock may run slower or faster
         than the listener's (by 1.3 % on a non-real-time dummy driver: a grid at the nominal tempo
-        gains a tick every 3 s). An interval of about k median periods is k ticks (k - 1 lost);
-        the song position starts at 0 after Start and where the transport stopped after Continue."""
+        gains a tick every 3 s). An interval of k median periods, or a quarter period short of
+        it, is k ticks (k - 1 lost): a stall only delays (midiclock.LOST_EARLY); the song position starts at 0 after Start and where the transport stopped after Continue."""
         p0 = 60.0 / (PPQN * bpm)
         out = cls()
         pos: int | None = 0  # the song position the next tick has; None: unknown
@@ -165,7 +166,7 @@ class SourceBeats:
             iv = np.diff(t)
             steady = iv[(iv > 0.5 * p0) & (iv < 1.5 * p0)]
             p = float(np.median(steady)) if len(steady) else p0
-            idx = np.concatenate([[0], np.cumsum(np.maximum(1, np.round(iv / p)))]).astype(int)
+            idx = np.concatenate([[0], np.cumsum(np.maximum(1, np.floor(iv / p + LOST_EARLY)))]).astype(int)
             first = pos
             if began is not None and first is not None:
                 # jack_midi_clock sends a Start, and tick 0 when the transport rolls: one cycle later,

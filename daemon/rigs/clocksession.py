@@ -72,7 +72,7 @@ class Answer:
     traced_beats: float | None = None  # the song position antiphon's trace gives the first note
     source_beat: float | None = None  # that note's due time as a song position of the source
     sent_ms: float | None = None  # sent minus the source's time of the traced beat
-    heard_ms: float | None = None  # heard by the player minus the source's time of the traced beat
+    heard_ms: float | None = None  # heard by the player minus the source's time of the traced beat (None: JACK lost it)
     # False after a transport message that JACK dropped for antiphon or for the listener (they heard
     # different Start/Continue/Stop sequences from there on): which beat is right is then unknowable.
     judged: bool = True
@@ -181,9 +181,11 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
         if not ons:
             answers.append(Answer(k, False))
             continue
-        due, sent, _, beats = ons[0]
+        due, sent, msg, beats = ons[0]
         a = Answer(k, True, beats, source.beat_at(due))
-        heard = [t for t, m in player.since(t_off) if m[0] & 0xF0 == 0x90 and m[2] > 0 and t < until]
+        # That very note-on: JACK drops a cycle's events for one client now and then, and the next
+        # note the player heard (226 ms later, seen) is not the answer's first.
+        heard = [t for t, m in player.since(t_off) if m[:2] == msg[:2] and m[2] > 0 and sent - 0.005 < t < until]
         src_t = source.time_of(round(beats), near=due) if beats is not None else None
         if src_t is not None:
             a.sent_ms = 1000 * (sent - src_t)
