@@ -101,6 +101,9 @@ class TuneConfig:
     replay: float = _f(0.25, "share of training windows replayed from the model's original kind of music (the "
                              "packaged replay shard) so it does not forget what you have not played; costs that "
                              "share of the steps")
+    mix: float = _f(0.5, "how far the written weights move from the parent's toward the fine-tuned ones (1: "
+                         "all the way; less keeps more of what the parent knew: weight-space interpolation, "
+                         "WiSE-FT; see docs/tune.md)")
     holdout: float = _f(0.1, "share of your playing time held out to measure before/after, newest recordings "
                              "first, whole recordings only (at least one)")
     lr: float = _f(1e-3, "peak learning rate, cosine decay to a tenth of it (3e-3 unlearnt the shipped model's "

@@ -206,6 +206,31 @@ def test_tune_end_to_end(tiny_model, jams, tmp_path, capsys):
     assert fmeta["run_id"] == meta["run_id"] and weights_identical(model, tiny_model.model)  # changed
 
 
+def test_mix_moves_each_weight_that_share_of_the_way_and_leaves_counters_alone():
+    parent = {"w": torch.zeros(3), "b": torch.ones(2), "steps": torch.tensor([7])}
+    tuned = {"w": torch.full((3,), 2.0), "b": torch.full((2,), 3.0), "steps": torch.tensor([9])}
+    mixed = TU.interpolate(parent, tuned, 0.25)
+    assert torch.equal(mixed["w"], torch.full((3,), 0.5)) and torch.equal(mixed["b"], torch.full((2,), 1.5))
+    assert torch.equal(mixed["steps"], tuned["steps"])
+    assert TU.interpolate(parent, tuned, 1.0) is tuned
+
+
+def test_mix_between_a_rebuilt_parent_and_a_checkpoint_loads_into_the_model(tiny_model):
+    """What tune mixes: the parent rebuilt from its fp32 ONNX file, the fine-tuned checkpoint's weights."""
+    parent, cfg, _ = gpt_from_onnx(tiny_model.onnx)
+    tuned = {k: v + 1.0 if v.is_floating_point() else v for k, v in load_model(tiny_model.checkpoint)[0].state_dict().items()}
+    model = type(parent)(cfg)
+    model.load_state_dict(TU.interpolate(parent.state_dict(), tuned, 0.5))  # strict: every key, every shape
+    w = "lm_head.weight" if "lm_head.weight" in tuned else next(k for k, v in tuned.items() if v.is_floating_point())
+    assert torch.allclose(model.state_dict()[w], parent.state_dict()[w] + 0.5, atol=1e-5)
+
+
+def test_mix_out_of_range_is_refused(tiny_model, jams, tmp_path, capsys):
+    rc, text = run_cli(capsys, str(jams), "--model", str(tiny_model.checkpoint), "-o", str(tmp_path / "x.onnx"),
+                       "--mix", "0")
+    assert rc == 2 and "--mix must be in (0, 1]" in text and not (tmp_path / "x.onnx").exists()
+
+
 # --------------------------------------------------------------------------- refusals
 
 def test_no_midi_in_the_folders(tiny_model, tmp_path, capsys):

@@ -229,10 +229,12 @@ def recorded_markers(rec_dir: Path) -> list[str]:
 
 def summary(sessions: list[Session]) -> dict[str, Any]:
     answers = [a for s in sessions for a in s.answers if a.answered]
-    on_beat = [a for a in answers if a.traced_beats is not None and a.source_beat is not None
+    # After a transport message one side lost, antiphon and the listener have no common beat.
+    judged = [a for a in answers if a.judged]
+    on_beat = [a for a in judged if a.traced_beats is not None and a.source_beat is not None
                and abs(a.traced_beats - round(a.traced_beats)) < 0.02 and abs(a.source_beat - round(a.traced_beats)) < 0.03]
-    heard = sorted(abs(a.heard_ms) for a in answers if a.heard_ms is not None)
-    sent = sorted(abs(a.sent_ms) for a in answers if a.sent_ms is not None)
+    heard = sorted(abs(a.heard_ms) for a in judged if a.heard_ms is not None)
+    sent = sorted(abs(a.sent_ms) for a in judged if a.sent_ms is not None)
 
     def q(xs: list[float], p: float) -> float:
         return round(float(np.percentile(xs, p)), 2) if xs else float("nan")
@@ -242,6 +244,7 @@ def summary(sessions: list[Session]) -> dict[str, Any]:
         "all_phrases_answered": sum(s.all_answered for s in sessions),
         "phrases": sum(len(s.answers) for s in sessions),
         "answered": len(answers),
+        "judged": len(judged),
         "answers_on_a_source_beat": len(on_beat),
         "by_scenario": {sc: f"{sum(s.all_answered for s in sessions if s.scenario == sc)}/"
                             f"{sum(1 for s in sessions if s.scenario == sc)}" for sc in SCENARIOS},
