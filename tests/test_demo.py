@@ -123,7 +123,7 @@ def test_a_first_answer_note_the_ears_missed_is_timed_by_the_recording(tmp_path)
     s.calls, s.ends = [[(0.0, [0x90, 60, 80])]], [200.6]
     heard = [(201.5, [0x90, 73, 70])]
     s.firsts = [(201.5, 73)]  # the ears' first note: the answer's second
-    assert "first note came 500.0 ms" in demo.summary(s, heard, 0.4)
+    assert demo.summary(s, heard, 0.4).endswith("first note came 500.0 ms after your 400 ms pause")
     line = demo.summary(s, heard, 0.4, firsts)
     assert re.search(r"first note came [23]\.\d ms", line), line
     s.firsts = [(201.004, 74)]  # heard it: the ears' figure stands

@@ -226,7 +226,8 @@ def summary(s: Session, heard: list[tuple[float, list[int]]], wait_s: float,
     span = f"{note_name(min(answered))}–{note_name(max(answered))}"
     return (f"you played {len(s.calls)} phrases of {CALL_TITLE} ({played} notes){barge}; antiphon answered "
             f"{answers} times with {len(answered)} notes ({span}); its first note came {late[0]:.1f} ms after "
-            f"your {1000 * wait_s:.0f} ms pause (later answers: {', '.join(f'{x:.1f}' for x in late[1:])} ms)")
+            f"your {1000 * wait_s:.0f} ms pause"
+            + (f" (later answers: {', '.join(f'{x:.1f}' for x in late[1:])} ms)" if late[1:] else ""))
 
 
 def run(cfg: DemoConfig, log: Any = print) -> tuple[str, list[Path], list[str]]:
