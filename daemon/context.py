@@ -201,9 +201,7 @@ class Conversation:
         finally:
             self.replaying = False
         if end_at is not None:
-            self.keys_down.clear()  # a foot switch ends the call even over held keys
-            if self._may_answer():
-                self._speculate(end_at)
+            self.end_call(end_at)
 
     def check_held(self, now: float) -> None:
         """Keys down with no player event for max_note_s are taken as released: under a flood or

@@ -138,39 +138,24 @@ def first_note(keys: Any, since: float, timeout: float = ANSWER_TIMEOUT_S) -> tu
 def recorded_firsts(midi: Path, wait_s: float) -> list[tuple[float, int]]:
     """Per answer in the jam's recording: (ms from the call's last event + the wait to the answer's
     first note-on, its key), on the jam's own clock: when it sent that note."""
-    import mido
+    import symusic
 
-    mid = mido.MidiFile(str(midi))
-    tempos, t = [], 0  # (tick, microseconds per beat), from the first track
-    for msg in mid.tracks[0]:
-        t += msg.time
-        if msg.type == "set_tempo":
-            tempos.append((t, msg.tempo))
+    from antiphon.daemon.recorder import TRACK_NAMES
 
-    def seconds(tick: int) -> float:
-        out, at, tempo = 0.0, 0, 500_000
-        for when, new in tempos:
-            if when >= tick:
-                break
-            out += mido.tick2second(when - at, mid.ticks_per_beat, tempo)
-            at, tempo = when, new
-        return out + mido.tick2second(tick - at, mid.ticks_per_beat, tempo)
-
-    events = []
-    for track in mid.tracks:
-        if track.name in ("player", "antiphon"):
-            t = 0
-            for msg in track:
-                t += msg.time
-                if not msg.is_meta:
-                    events.append((seconds(t), track.name == "antiphon", msg))
-    events.sort(key=lambda e: e[0])
+    player, antiphon = TRACK_NAMES
+    events: list[tuple[float, int]] = []  # (seconds, antiphon's key struck, or -1: a player event)
+    for track in symusic.Score(str(midi)).to("second").tracks:  # the tempo map honoured, as codec.load_midi
+        if track.name == player:
+            events += [(float(t), -1) for n in track.notes for t in (n.time, n.time + n.duration)]
+            events += [(float(e.time), -1) for e in (*track.controls, *track.pitch_bends)]
+        elif track.name == antiphon:
+            events += [(float(n.time), n.pitch) for n in track.notes if n.velocity > 0]
     firsts, call_end = [], None
-    for t, ours, msg in events:
-        if not ours:
+    for t, key in sorted(events):
+        if key < 0:
             call_end = t
-        elif call_end is not None and msg.type == "note_on" and msg.velocity:
-            firsts.append((1000 * (t - call_end - wait_s), msg.note))
+        elif call_end is not None:
+            firsts.append((1000 * (t - call_end - wait_s), key))
             call_end = None
     return firsts
 

@@ -150,7 +150,8 @@ class SourceBeats:
         """Ticks are counted, not placed on a nominal grid: the source's clock may run slower or faster
         than the listener's (by 1.3 % on a non-real-time dummy driver: a grid at the nominal tempo
         gains a tick every 3 s). An interval of k median periods, or a quarter period short of
-        it, is k ticks (k - 1 lost): a stall only delays (midiclock.LOST_EARLY); the song position starts at 0 after Start and where the transport stopped after Continue."""
+        it, is k ticks (k - 1 lost): a stall only delays (midiclock.LOST_EARLY). The song position
+        starts at 0 after Start and where the transport stopped after Continue."""
         p0 = 60.0 / (PPQN * bpm)
         out = cls()
         pos: int | None = 0  # the song position the next tick has; None: unknown
