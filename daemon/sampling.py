@@ -23,6 +23,7 @@ KIND_ENDS = np.append(KIND_STARTS[1:], V.VOCAB_SIZE)
 NOTE_KINDS = [1, 4]  # NOTE_ON, and VELOCITY, which only ever precedes a NOTE_ON
 OFF_KIND, SHIFT_KIND = 2, 3
 GROOVE_STEPS = 200  # the rhythm steer looks at inter-onset intervals from GROOVE_MIN steps up to 2 s
+GROOVE_FLOOR, GROOVE_CEILING = 1 / 8, 8.0  # the rhythm steer's bounds on the onset odds
 GROOVE_MIN = 4  # from 40 ms (at 80 ms, the answers rolled and ornamented twice as often as the calls)
 # The dynamics steer's velocity odds are cooled this much before the tilt: the model's spread is
 # wider than pianists' (velocity std 1.17 / 1.08 / 0.98 of theirs on three unreported sets of
@@ -31,7 +32,19 @@ VELOCITY_TEMPERATURE = 0.9
 REGISTER_NEAR = 3  # semitones: an answer note this close to the call's lowest (highest) note reaches it
 REGISTER_MAX = 3.0  # nats: the register steer's largest tilt
 _SHIFT_STEPS = np.arange(1, V.MAX_SHIFT + 1)
-_IOI_EDGES = np.geomspace(2, GROOVE_STEPS, 25)  # 24 log-spaced bins, 20 ms .. 2 s, as the rhythm metric
+IOI_EDGES = np.geomspace(2, GROOVE_STEPS, 25)  # 24 log-spaced classes, 20 ms .. 2 s, as the rhythm metric
+_STEPS = np.arange(GROOVE_STEPS + 1)
+_STEP_CLASS = np.clip(np.searchsorted(IOI_EDGES, _STEPS, side="right") - 1, 0, len(IOI_EDGES) - 2)
+# How many whole steps each class holds: a class's mass is shared among those (its width, 0.75 of a
+# step for 40 ms, would give that one step 1.33x its share, and 70 ms, 1.34 steps wide, 0.75x).
+_CLASS_STEPS = np.bincount(_STEP_CLASS[2:], minlength=len(IOI_EDGES) - 1).astype(np.float64)
+# The call's rhythm is smoothed with this many intervals' worth of mass spread evenly per step, a
+# quarter of one per class. Chosen on four unreported sets (docs/model.md): at half of one, used until
+# 2026-12-02, answers to steady-pulse calls kept 0.91 of the pianists' rhythm overlap, the quick
+# notes between beats being discouraged no more than 8-fold. (Per class instead of per step, the
+# narrow classes of quick intervals outweighed a call's own beat.)
+SMOOTHING = 0.25 * (len(IOI_EDGES) - 1)
+_EVEN = _CLASS_STEPS / _CLASS_STEPS.sum()
 _VELOCITY_BINS = np.arange(V.VELOCITY_BINS, dtype=np.float64)
 
 
@@ -78,7 +91,7 @@ class Sampler:
         self._age = np.zeros(V.N_PITCH)
         _check_share("follow_rhythm", follow_rhythm)
         self.follow_rhythm = float(follow_rhythm)
-        self.groove: np.ndarray | None = None  # per elapsed step: how much the call favours an onset there
+        self.groove: np.ndarray | None = None  # per elapsed step: how much the rhythm favours an onset there
         self.since = 0  # steps since the answer's last onset cluster began
         _check_share("follow_register", follow_register)
         self.follow_register = float(follow_register)
@@ -97,7 +110,7 @@ class Sampler:
         highest pitches were `call_range` ((-1, -1): unknown, no register steer)."""
         self.call_range = call_range
         self.reached = [V.N_PITCH, -1]
-        self.groove = groove(call_onsets, self.follow_rhythm) if call_onsets is not None else None
+        self.groove = groove(call_rhythm(call_onsets), self.follow_rhythm)
         self.since = 0
         self.rate = call_notes / max(call_s, 1.0)
         self.hold_steps = max(call_hold_s, 0.1) / V.STEP_S if call_hold_s > 0 else 0.0
@@ -288,32 +301,39 @@ def _check_share(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
-def groove(onsets: np.ndarray, strength: float) -> np.ndarray | None:
-    """Per elapsed step since an onset cluster: how much likelier the call makes an onset there
-    than a steady random player with the call's mean interval would, to the power `strength`,
-    within [1/8, 8] (None: fewer than 4 intervals to go by). That is the call's hazard (the share
-    of its intervals that end at this step, of those that have not ended before) over the flat
-    hazard of the same mean: a call with a steady beat makes onsets likely on that beat and
-    unlikely before it. (The interval density alone, used until 2026-12-02, left a step between
-    beats almost as likely as the beat: on held-out performances the answers' onsets fell on
-    the call's pulse half as often as the pianists' own.)"""
-    if strength <= 0.0 or onsets is None or len(onsets) < 5:
+def call_rhythm(onsets: np.ndarray | None) -> np.ndarray | None:
+    """The call's inter-onset intervals (between onset clusters) as a distribution over the
+    rhythm classes (IOI_EDGES), with a little mass spread evenly over all steps so that no step is
+    ruled out; None: fewer than 4 intervals to go by."""
+    if onsets is None or len(onsets) < 5:
         return None
     t = np.sort(np.asarray(onsets, dtype=np.float64)) / V.STEP_S
     starts = t[np.concatenate([[True], np.diff(t) > CLUSTER_STEPS])]
     iois = np.diff(starts)
     if iois.size < 4:
         return None
-    hist, _ = np.histogram(np.clip(iois, _IOI_EDGES[0], _IOI_EDGES[-1]), bins=_IOI_EDGES)
-    # Per step, with a little mass spread evenly over all steps so that no step is ruled out.
-    density = hist / np.diff(_IOI_EDGES) + 0.5 * hist.size / (_IOI_EDGES[-1] - _IOI_EDGES[0])
-    steps = np.arange(GROOVE_STEPS + 1)
-    pmf = density[np.clip(np.searchsorted(_IOI_EDGES, steps, side="right") - 1, 0, len(density) - 1)]
+    hist, _ = np.histogram(np.clip(iois, IOI_EDGES[0], IOI_EDGES[-1]), bins=IOI_EDGES)
+    mass = hist + SMOOTHING * _EVEN
+    return mass / mass.sum()
+
+
+def groove(rhythm: np.ndarray | None, strength: float) -> np.ndarray | None:
+    """Per elapsed step since an onset cluster: how much likelier the distribution of intervals
+    `rhythm` (over the classes IOI_EDGES) makes an onset there than a steady random player with
+    the same mean interval would, to the power `strength`, within [1/8, 8] (None: no rhythm to go
+    by). That is the hazard (the share of intervals that end at this step, of those that have not
+    ended before) over the flat hazard of the same mean: a call with a steady beat makes onsets
+    likely on that beat and unlikely before it. (The interval density alone, used until
+    2026-12-02, left a step between beats almost as likely as the beat: on held-out performances
+    the answers' onsets fell on the call's pulse half as often as the pianists' own.)"""
+    if strength <= 0.0 or rhythm is None:
+        return None
+    pmf = (rhythm / np.maximum(_CLASS_STEPS, 1.0))[_STEP_CLASS]
     pmf[:GROOVE_MIN] = 0.0
     pmf /= pmf.sum()
     survival = 1.0 - np.concatenate([[0.0], np.cumsum(pmf)[:-1]])
     hazard = pmf / np.maximum(survival, 1e-3)
-    ratio = np.clip(hazard * float(pmf @ steps), 1 / 8, 8.0) ** strength
+    ratio = np.clip(hazard * float(pmf @ _STEPS), GROOVE_FLOOR, GROOVE_CEILING) ** strength
     ratio[:GROOVE_MIN] = 1.0  # the notes of a rolled chord: the model's own business
     return ratio
 

@@ -35,7 +35,11 @@ MAJOR_SCALE = (0, 2, 4, 5, 7, 9, 11)
 MINOR_SCALE = (0, 2, 3, 5, 7, 8, 10, 11)  # natural minor plus the raised leading tone of harmonic minor
 METRICS = ("key_agreement", "density_ratio", "range_overlap", "closed", "repetition", "motif_echo", "held_share",
            "velocity_mean", "velocity_std", "rhythm", "copied")
-CLUSTER_S = 0.03  # onsets this close form one cluster (a chord, a spread chord)
+CLUSTER_S = 0.03  # onsets this close form one cluster (a chord, a spread chord), 30 ms itself included
+# Onsets are sums of 10 ms steps in float: 1.23 - 1.20 is 0.030000000000000027. Without this slack
+# whether two notes 30 ms apart were one cluster depended on where in the piece they fell (until
+# 2026-12-02: motif echo and rhythm counted some 30 ms spreads as intervals, the daemon never does).
+_CLUSTER_SLACK = 1e-6
 HELD_S = 1.5
 IOI_BINS = np.geomspace(0.02, 2.0, 25)
 COPY_RUN = 8
@@ -128,7 +132,7 @@ def onset_clusters(notes: Sequence[codec.Note]) -> list[list[codec.Note]]:
     """Notes grouped by onset: a note within CLUSTER_S of its cluster's first onset joins it."""
     clusters: list[list[codec.Note]] = []
     for n in sorted(notes, key=lambda x: (x.start, x.pitch)):
-        if clusters and n.start - clusters[-1][0].start <= CLUSTER_S:
+        if clusters and n.start - clusters[-1][0].start <= CLUSTER_S + _CLUSTER_SLACK:
             clusters[-1].append(n)
         else:
             clusters.append([n])

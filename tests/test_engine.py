@@ -17,7 +17,7 @@ from antiphon.daemon import engine as engine_mod
 from antiphon.daemon import vocab as V
 from antiphon.daemon.engine import Engine
 from antiphon.daemon.errors import UserError
-from antiphon.daemon.sampling import Sampler, grammar_mask, groove
+from antiphon.daemon.sampling import Sampler, call_rhythm, grammar_mask, groove
 from antiphon.export.onnx_export import set_metadata
 
 
@@ -274,7 +274,7 @@ def test_follow_rhythm_puts_onsets_on_the_calls_beat():
         Sampler(0, 1.0, 1.0, follow_rhythm=-1.0)
     # The intervals the call never had are disfavoured, the quick ones too (their narrow bins once
     # got a smoothing count each, which made 150 ms likelier than the call's own 500 ms).
-    g = groove(beat, 1.0)
+    g = groove(call_rhythm(beat), 1.0)
     assert g[15] < 0.6 and g[30] < 0.6 and g[50] > 2.0, (g[15], g[30], g[50])
 
 

@@ -196,6 +196,19 @@ def test_motif_echo_held_velocity_rhythm_and_copies():
     assert M.phrase_metrics(call, phrase(motif * 2, step_s=1.0), 4.0, 4.0)["rhythm"] == 0.0
 
 
+def test_onsets_30_ms_apart_are_one_cluster_wherever_they_fall():
+    """As the daemon counts them (memory.CLUSTER_STEPS): a chord spread over 30 ms is one cluster
+    wherever its float onsets land (1.23 - 1.2 > 0.03 in floats), one spread over 40 ms is two."""
+    def clusters(start: float, spread_s: float) -> int:
+        notes = [codec.Note(48, 0.0, 0.2, 80), codec.Note(60, start, start + 0.5, 80),
+                 codec.Note(64, start + spread_s, start + 0.5, 80)]
+        return len(M.onset_clusters(M.notes_of(codec.encode_performance(codec.Performance(notes, [])))))
+
+    for start in (0.5, 1.2, 7.77, 123.45):
+        assert clusters(start, 0.03) == 2, start  # the first note, then the chord
+        assert clusters(start, 0.04) == 3, start
+
+
 def test_streamed_nll_mixes_the_top_voice_as_jam_does(tiny_model):
     from antiphon.daemon.engine import Engine
     from antiphon.daemon.memory import mix_pitch, mix_top
