@@ -29,6 +29,11 @@ GROOVE_MIN = 4  # from 40 ms (at 80 ms, the answers rolled and ornamented twice 
 # wider than pianists' (velocity std 1.17 / 1.08 / 0.98 of theirs on three unreported sets of
 # training-split performances; at 0.9: 1.08 / 1.0 / 0.90).
 VELOCITY_TEMPERATURE = 0.9
+# The release steer's gain at --follow-articulation 1. Chosen on four unreported sets, two seeds each
+# (docs/model.md): at 3.0, used until 2026-12-02, answers held notes over 1.5 s 1.40-1.50x as often as
+# the pianists on steady-pulse calls and 1.3-1.4x on training-split performances; at 6.0: 1.16-1.17x,
+# 0.98-1.41x, rhythm, density and key unchanged.
+RELEASE_GAIN = 6.0
 REGISTER_NEAR = 3  # semitones: an answer note this close to the call's lowest (highest) note reaches it
 REGISTER_MAX = 3.0  # nats: the register steer's largest tilt
 _SHIFT_STEPS = np.arange(1, V.MAX_SHIFT + 1)
@@ -86,7 +91,7 @@ class Sampler:
         self.follow_dynamics = float(follow_dynamics)
         self.call_velocity = -1.0  # the call's mean velocity bin; < 0: no steer
         _check_share("follow_articulation", follow_articulation)
-        self.release_gain = 3.0 * float(follow_articulation)
+        self.release_gain = RELEASE_GAIN * float(follow_articulation)
         self.hold_steps = 0.0  # the call's long-note length in steps; 0: no steer
         self._age = np.zeros(V.N_PITCH)
         _check_share("follow_rhythm", follow_rhythm)
