@@ -42,7 +42,7 @@ _STEPS = np.arange(GROOVE_STEPS + 1)
 _STEP_CLASS = np.clip(np.searchsorted(IOI_EDGES, _STEPS, side="right") - 1, 0, len(IOI_EDGES) - 2)
 # How many whole steps each class holds: a class's mass is shared among those (its width, 0.75 of a
 # step for 40 ms, would give that one step 1.33x its share, and 70 ms, 1.34 steps wide, 0.75x).
-_CLASS_STEPS = np.bincount(_STEP_CLASS[2:], minlength=len(IOI_EDGES) - 1).astype(np.float64)
+_CLASS_STEPS = np.bincount(_STEP_CLASS[_STEPS >= IOI_EDGES[0]], minlength=len(IOI_EDGES) - 1).astype(np.float64)
 # The call's rhythm is smoothed with this many intervals' worth of mass spread evenly per step, a
 # quarter of one per class. Chosen on four unreported sets (docs/model.md): at half of one, used until
 # 2026-12-02, answers to steady-pulse calls kept 0.91 of the pianists' rhythm overlap, the quick
