@@ -35,7 +35,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         if f.name in skip:
             continue
         flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
-        help_ = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        # argparse %-formats help text; a config's "±10 %" must reach it as text.
+        help_ = f"{f.metadata.get('help', '')} (default: {f.default!r})".replace("%", "%%")
         if f.type in (bool, "bool"):
             group.add_argument(*flags, dest=f"{cls.__name__}.{f.name}", action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_)
@@ -125,7 +126,7 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     for steer in dataclasses.fields(Steers):
         f = JamConfig.__dataclass_fields__[steer.name]
         p.add_argument("--" + steer.name.replace("_", "-"), type=float, default=f.default,
-                       help=f"{f.metadata['help']} (default: {f.default!r}, as jam)")
+                       help=f"{f.metadata['help']} (default: {f.default!r}, as jam)".replace("%", "%%"))
 
 
 def _eval(p: argparse.ArgumentParser) -> None:

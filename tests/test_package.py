@@ -44,6 +44,17 @@ def test_help_ports_and_jam_parsing_never_import_torch():
         assert f"    {sub}" in proc.stdout
 
 
+def test_every_subcommand_prints_its_help():
+    # Config help is written for people ("±10 %"); argparse would read a bare % as a format.
+    code = ("from antiphon.daemon import cli\n"
+            "for name in cli.COMMANDS:\n"
+            "    try: cli.main([name, '--help'])\n"
+            "    except SystemExit as e: assert e.code == 0, name\n")
+    proc = run_py(code)
+    assert proc.returncode == 0, proc.stderr
+    assert "--perf-share" in proc.stdout and "±10 %" in proc.stdout
+
+
 def test_python_dash_m_runs_the_same_cli():
     for module in ("antiphon", "antiphon.daemon"):
         proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd="/",
