@@ -313,6 +313,23 @@ class TokenDecoder:
             self._off(pitch, step, out)
         self.step = target
 
+    def capped(self, token: int) -> int:
+        """`token`, or what to generate in its place so that the token stream itself ends every note
+        before `max_note_s`: a TIME_SHIFT that would carry a note to its limit stops one step short,
+        and from there the note's NOTE_OFF is the token. Generators feed this, not what they sampled,
+        to the model: a note the decoder closed inside a shift would sound off while the model's
+        context still held it, and a player cutting in would be placed after the whole shift."""
+        if not V.TIME_SHIFT <= token < V.VELOCITY:
+            return token
+        sounding = [(onset, p) for p, onset in enumerate(self.onset) if onset >= 0]
+        if not sounding:
+            return token
+        first_onset, pitch = min(sounding)
+        last_step = first_onset + self.max_steps - 1  # the last step the oldest note may still sound
+        if self.step + token - V.TIME_SHIFT + 1 <= last_step:
+            return token
+        return V.time_shift(last_step - self.step) if last_step > self.step else V.note_off(pitch)
+
     def feed(self, token: int, out: list[TimedMessage] | None = None) -> list[TimedMessage]:
         out = [] if out is None else out
         if V.NOTE_ON <= token < V.NOTE_OFF:

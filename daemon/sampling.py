@@ -134,7 +134,9 @@ class Sampler:
         expected = self.rate * self.steps * V.STEP_S
         return math.exp(min(max(self.gain * math.log((expected + 1.0) / (self.notes + 1.0)), -4.0), 4.0))
 
-    def _count(self, token: int) -> int:
+    def _count(self, token: int, decoder: codec.TokenDecoder | None) -> int:
+        if decoder is not None:
+            token = decoder.capped(token)  # the model hears what will sound: notes end before max_note_s
         if self.memory is not None:
             self.memory.hear_token(token, learn=False)  # context for the next proposal, not material
         if V.NOTE_ON <= token < V.NOTE_OFF:
@@ -184,7 +186,8 @@ class Sampler:
     def sample(self, logits: np.ndarray, mask: np.ndarray | None = None,
                decoder: codec.TokenDecoder | None = None) -> int:
         """`decoder`: the answer's, whose ledger tells how long each key has been held (for the
-        release steer); None: no release steer."""
+        release steer) and when a note reaches max_note_s (a shift that would carry it there is
+        cut short, and its NOTE_OFF comes next: `TokenDecoder.capped`); None: neither."""
         x = np.array(logits, dtype=np.float64)  # a copy: the engine reuses its logits buffer
         if mask is not None:
             x[~mask] = -np.inf
@@ -192,7 +195,7 @@ class Sampler:
         if not np.isfinite(x[best]):
             raise ValueError("the mask allows no token")
         if self.temperature <= 0.0:
-            return self._count(best)
+            return self._count(best, decoder)
         p = np.exp(x - x[best])
         kinds = np.add.reduceat(p, KIND_STARTS)
         odds = self._note_odds()
@@ -225,9 +228,9 @@ class Sampler:
             # Prefer releasing the keys that are due, in proportion to how overdue.
             off = p[V.NOTE_OFF:V.TIME_SHIFT]
             w = off * np.exp(np.minimum(self.release_gain * keys_due, 6.0)) + keys_due * off.sum()
-            return self._count(lo + self._draw(w))
+            return self._count(lo + self._draw(w), decoder)
         if lo == V.VELOCITY and self.follow_dynamics > 0.0 and self.call_velocity >= 0:
-            return self._count(lo + self._draw(self._dynamics(p[lo:int(KIND_ENDS[kind])])))
+            return self._count(lo + self._draw(self._dynamics(p[lo:int(KIND_ENDS[kind])])), decoder)
         if lo == V.TIME_SHIFT:
             shifts = model_shifts
             if self.groove is not None and self.notes:
@@ -235,10 +238,10 @@ class Sampler:
                 shifts = shifts * np.sqrt(self.groove[np.minimum(self.since + _SHIFT_STEPS, GROOVE_STEPS)])
             if due is not None:
                 shifts = shifts * wait_price  # waiting is cut short where it costs
-            return self._count(lo + self._draw(shifts))
+            return self._count(lo + self._draw(shifts), decoder)
         if lo != V.NOTE_ON:
-            return self._count(lo + self._draw(p[lo:int(KIND_ENDS[kind])]))
-        return self._count(self._pitch(x[lo:int(KIND_ENDS[kind])]) + lo)
+            return self._count(lo + self._draw(p[lo:int(KIND_ENDS[kind])]), decoder)
+        return self._count(self._pitch(x[lo:int(KIND_ENDS[kind])]) + lo, decoder)
 
     def _dynamics(self, q: np.ndarray) -> np.ndarray:
         """Tilt the velocity-bin odds q (unnormalised) so that their mean moves `follow_dynamics` of

@@ -121,6 +121,33 @@ def test_decoder_closes_long_notes_at_max_length_while_time_passes():
     assert dec.sounding() == [] and dec.time == 1.0
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, V.VOCAB_SIZE - 1), max_size=400), st.floats(0.05, 3.0))
+def test_capped_tokens_end_every_note_in_the_stream_itself(sampled, max_note_s):
+    """What a generator feeds the model is what sounds: no note outlives max_note_s inside a shift."""
+    dec = codec.TokenDecoder(max_note_s=max_note_s)
+    for tok in sampled:
+        tok = dec.capped(tok)
+        offs = [m for m in dec.feed(tok) if m.status & 0xF0 == codec.NOTE_OFF_STATUS]
+        if V.TIME_SHIFT <= tok < V.VELOCITY:
+            assert offs == [], "a note was closed by the decoder's limit, not by a token"
+        for p in dec.sounding():
+            assert (dec.step - dec.onset[p]) * STEP <= max_note_s - STEP / 2 + 1e-9
+
+
+def test_a_shift_past_the_limit_stops_a_step_short_then_the_note_off_is_the_token():
+    dec = codec.TokenDecoder(max_note_s=0.5)
+    dec.feed(V.note_on(60))
+    dec.feed(V.note_on(64))
+    assert dec.capped(V.time_shift(30)) == V.time_shift(30)  # well inside the limit
+    assert dec.capped(V.time_shift(100)) == V.time_shift(49)
+    dec.feed(V.time_shift(49))
+    assert dec.capped(V.time_shift(1)) == V.note_off(60)
+    dec.feed(V.note_off(60))
+    assert dec.capped(V.time_shift(5)) == V.note_off(64)  # its limit too, struck at the same step
+    assert dec.capped(V.note_on(67)) == V.note_on(67)  # only shifts are ever replaced
+
+
 def test_long_silences_and_resets():
     enc = codec.TokenEncoder()
     toks = enc.note_on(10.0, 60, 100) + enc.note_off(12.345, 60) + enc.midi([0xB0, 123, 0], 13.0)
