@@ -37,9 +37,18 @@ RELEASE_GAIN = 6.0
 REGISTER_NEAR = 3  # semitones: an answer note this close to the call's lowest (highest) note reaches it
 REGISTER_MAX = 3.0  # nats: the register steer's largest tilt
 _SHIFT_STEPS = np.arange(1, V.MAX_SHIFT + 1)
-IOI_EDGES = np.geomspace(2, GROOVE_STEPS, 25)  # 24 log-spaced classes, 20 ms .. 2 s, as the rhythm metric
+# The rhythm classes: 24 log-spaced, 20 ms .. 2 s. `antiphon eval`'s rhythm metric counts in these
+# same classes (ioi_classes), so what the steer aims at is what is measured.
+IOI_EDGES = np.geomspace(2, GROOVE_STEPS, 25)
 _STEPS = np.arange(GROOVE_STEPS + 1)
 _STEP_CLASS = np.clip(np.searchsorted(IOI_EDGES, _STEPS, side="right") - 1, 0, len(IOI_EDGES) - 2)
+
+
+def ioi_classes(steps: np.ndarray) -> np.ndarray:
+    """The rhythm class of each inter-onset interval (in steps; rounded to whole steps, as the
+    tokens hold them, so that float seconds never straddle an edge by a rounding error)."""
+    return _STEP_CLASS[np.clip(np.rint(np.asarray(steps, dtype=np.float64)), 0, GROOVE_STEPS).astype(np.intp)]
+
 # How many whole steps each class holds: a class's mass is shared among those (its width, 0.75 of a
 # step for 40 ms, would give that one step 1.33x its share, and 70 ms, 1.34 steps wide, 0.75x).
 _CLASS_STEPS = np.bincount(_STEP_CLASS[_STEPS >= IOI_EDGES[0]], minlength=len(IOI_EDGES) - 1).astype(np.float64)
@@ -320,7 +329,7 @@ def call_rhythm(onsets: np.ndarray | None) -> np.ndarray | None:
     iois = np.diff(starts)
     if iois.size < 4:
         return None
-    hist, _ = np.histogram(np.clip(iois, IOI_EDGES[0], IOI_EDGES[-1]), bins=IOI_EDGES)
+    hist = np.bincount(ioi_classes(iois), minlength=len(_EVEN))
     mass = hist + SMOOTHING * _EVEN
     return mass / mass.sum()
 

@@ -14,7 +14,8 @@ Each number compares a response (generated, or the true continuation) with the c
   velocity_mean  mean note-on velocity of the response
   velocity_std   spread (standard deviation) of the response's note-on velocities
   rhythm         overlap of the response's and the call's inter-onset-interval histograms
-                 (onset clusters; 24 log-spaced bins from 20 ms to 2 s)
+                 (onset clusters; the rhythm steer's 24 log-spaced classes from 20 ms to 2 s,
+                 sampling.ioi_classes)
   copied         share of response notes inside an exact copy of 8 or more consecutive call
                  notes (pitch and relative onset time): plagiarism, not development
 """
@@ -27,6 +28,7 @@ import numpy as np
 
 from antiphon.daemon import codec
 from antiphon.daemon import vocab as V
+from antiphon.daemon.sampling import IOI_EDGES, ioi_classes
 
 # Krumhansl & Kessler (1982) probe-tone profiles, tonic first.
 KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
@@ -41,7 +43,6 @@ CLUSTER_S = 0.03  # onsets this close form one cluster (a chord, a spread chord)
 # 2026-12-02: motif echo and rhythm counted some 30 ms spreads as intervals, the daemon never does).
 _CLUSTER_SLACK = 1e-6
 HELD_S = 1.5
-IOI_BINS = np.geomspace(0.02, 2.0, 25)
 COPY_RUN = 8
 
 
@@ -162,7 +163,7 @@ def held_share(response: Sequence[codec.Note], window_s: float) -> float:
 
 def ioi_histogram(notes: Sequence[codec.Note]) -> np.ndarray:
     onsets = [c[0].start for c in onset_clusters(notes)]
-    hist, _ = np.histogram(np.clip(np.diff(onsets), IOI_BINS[0], IOI_BINS[-1]), bins=IOI_BINS)
+    hist = np.bincount(ioi_classes(np.diff(onsets) / V.STEP_S), minlength=len(IOI_EDGES) - 1)
     return hist / hist.sum() if hist.sum() else hist.astype(float)
 
 

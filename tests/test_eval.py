@@ -209,6 +209,21 @@ def test_onsets_30_ms_apart_are_one_cluster_wherever_they_fall():
         assert clusters(start, 0.04) == 3, start
 
 
+def test_the_rhythm_metric_counts_in_the_steers_classes_wherever_an_interval_falls():
+    """eval measures rhythm in the classes the rhythm steer aims at (sampling.ioi_classes): a
+    200 ms interval is one class at 0 s and at 123.45 s, though 123.65 - 123.45 < 0.2 in floats."""
+    from antiphon.daemon.sampling import call_rhythm
+
+    for start in (0.0, 1.23, 123.45):
+        for k in (4, 7, 20, 50, 99, 200, 350):  # steps: a beat of k * 10 ms
+            notes = [codec.Note(60, start + i * k * V.STEP_S, start + i * k * V.STEP_S + 0.02, 80) for i in range(6)]
+            hist = M.ioi_histogram(M.notes_of(codec.encode_performance(codec.Performance(notes, []))))
+            steer = call_rhythm(np.array([n.start for n in notes]))
+            assert hist.max() == 1.0 and hist.argmax() == steer.argmax(), (start, k)
+    assert M.ioi_histogram(M.notes_of(codec.encode_performance(codec.Performance(
+        [codec.Note(60, 0.2 * i, 0.2 * i + 0.05, 80) for i in range(6)], [])))).argmax() == 11
+
+
 def test_streamed_nll_mixes_the_top_voice_as_jam_does(tiny_model):
     from antiphon.daemon.engine import Engine
     from antiphon.daemon.memory import mix_pitch, mix_top
