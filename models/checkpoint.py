@@ -56,6 +56,10 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_cfg: ModelCo
         "vocab_size": V.VOCAB_SIZE,
         "run_id": str(extra.get("run_id") or uuid.uuid4().hex[:12]),
     }
+    write_atomic(payload, path)
+
+
+def write_atomic(payload: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -71,6 +75,17 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_cfg: ModelCo
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_half(src: str | Path, dst: str | Path) -> dict[str, Any]:
+    """A checkpoint's weights stored in fp16, everything but the optimizer kept: half the bytes of
+    a shipped model in the repository's history. Loading casts them back to fp32 (load_state_dict
+    copies into the model's own dtype), so export, eval, tune and --init read it unchanged."""
+    data = load_checkpoint(src)
+    data = {k: v for k, v in data.items() if k != "optimizer"}
+    data["model"] = {k: v.half() if v.is_floating_point() else v for k, v in data["model"].items()}
+    write_atomic(data, dst)
+    return data
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

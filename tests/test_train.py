@@ -217,3 +217,24 @@ def test_init_fine_tunes_from_a_checkpoint_and_records_its_parent(corpus_dir, tm
                      str(parent / "last.pt"), "--d-model", "32", *tiny]) == 2
     err = capsys.readouterr().err
     assert "d_model 64 there, 32 here" in " ".join(err.split())
+
+
+def test_a_half_precision_copy_loads_as_the_same_model_and_fine_tunes(corpus_dir, tmp_path, capsys):
+    """What ships (models/ship.py): fp16 weights, no optimizer, read everywhere as fp32."""
+    from antiphon.models.checkpoint import save_half
+
+    run = tmp_path / "run"
+    assert train(capsys, "--data", str(corpus_dir), "--out", str(run), "--steps", "6", "--eval-every", "6", *TINY) == 0
+    half = tmp_path / "half.pt"
+    save_half(run / "last.pt", half)
+    raw = torch.load(half, weights_only=True)
+    assert "optimizer" not in raw and {v.dtype for v in raw["model"].values()} == {torch.float16}
+    assert half.stat().st_size < 0.6 * (run / "best.pt").stat().st_size
+    full, _, meta = load_model(run / "last.pt")
+    halved, _, half_meta = load_model(half)
+    assert half_meta["run_id"] == meta["run_id"] and next(halved.parameters()).dtype == torch.float32
+    x = torch.tensor([[V.BOS, V.note_on(60), V.time_shift(50), V.note_off(60)]])
+    with torch.no_grad():
+        assert torch.allclose(full(x)[0], halved(x)[0], atol=2e-2)
+    assert train(capsys, "--data", str(corpus_dir), "--out", str(tmp_path / "child"), "--steps", "2",
+                 "--eval-every", "2", "--init", str(half), *TINY) == 0
