@@ -324,9 +324,10 @@ def test_recording_survives_sigterm_and_sigkill(jack, jam_model, tmp_path):
     proc, probe, heard = _record_session(jack, jam_model, tmp_path / "term", "rec-term", 2, "--trace", str(trace))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
+    term_log = H.daemon_log(proc)  # read once it has ended: that removes its file
     probe.close()
     mids = list((tmp_path / "term").glob("*.mid"))
-    assert len(mids) == 1 and not list((tmp_path / "term").glob("*.journal")), H.daemon_log(proc)
+    assert len(mids) == 1 and not list((tmp_path / "term").glob("*.journal")), term_log
     tracks = _load_midi(mids[0])
     assert sorted(n.pitch for n in tracks["player"].notes) == sorted(pitches * 2)
     recorded = sorted(n.pitch for n in tracks["antiphon"].notes)
@@ -337,6 +338,7 @@ def test_recording_survives_sigterm_and_sigkill(jack, jam_model, tmp_path):
     proc, probe, heard = _record_session(jack, jam_model, tmp_path / "kill", "rec-kill", 2)
     proc.kill()
     proc.wait(10)
+    H.daemon_log(proc)  # removes its file
     probe.close()
     jack.ensure()  # a client killed mid-cycle may have stalled the graph
     assert list((tmp_path / "kill").glob("*.journal"))

@@ -97,7 +97,7 @@ def test_resume_is_exact(corpus_dir, tmp_path, capsys):
 
 def test_ddp_two_processes_on_gloo(corpus_dir, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves a folder there
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "antiphon.daemon.cli", "train", "--data", str(corpus_dir), "--out", str(out),
