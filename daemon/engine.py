@@ -46,8 +46,9 @@ def default_model_path(int8: bool = False) -> str:
 
 
 def runtime_default_model() -> str:
-    """What jam and continue run when no --model is given: int8 on CPU (same held-out NLL as fp32,
-    3.1064 vs 3.1063 nats/token, and 30 % faster per token), fp32 where a GPU is present."""
+    """What jam and continue run when no --model is given: int8 on CPU (held-out NLL within 0.001
+    of fp32's, 2.8399 vs 2.8397 nats/token on valid_perf, and faster per token), fp32 where a GPU
+    is present."""
     return default_model_path(int8=not cuda_device_present())
 
 

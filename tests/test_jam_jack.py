@@ -214,3 +214,15 @@ def test_a_jack_server_that_dies_ends_the_jam_with_a_clear_error(jackd, jam_mode
         assert len(list(tmp_path.glob("*.mid"))) == 1 and not list(tmp_path.glob("*.journal"))  # saved, not lost
     finally:
         server.stop()
+
+
+def test_the_live_benchmark_pairs_what_was_sent_with_what_was_heard(jack, jam_model, monkeypatch, tmp_path):
+    """`bench --live`'s jitter rig, run short: every answer message the probe heard is matched to
+    the daemon's trace of it, and the trace goes with the rig (nothing left in the temp folder)."""
+    from antiphon.daemon.rigs import bench_live
+
+    monkeypatch.setattr(bench_live.tempfile, "tempdir", str(tmp_path))
+    r = bench_live.jitter(jack, jam_model, busy=False, calls=2)
+    assert r["messages"] >= 4 and r["lost"] <= r["messages"], r  # JACK may drop a few on a busy box
+    assert r["send_late_p50_ms"] >= 0.0 and r["jitter_p50_ms"] <= r["jitter_max_ms"]
+    assert list(tmp_path.iterdir()) == []

@@ -107,7 +107,11 @@ def first_note_latencies(p: Partner, calls: int) -> tuple[list[float], int]:
 
 
 def jitter(server: JackServer, model: str, busy: bool, calls: int) -> dict[str, float]:
-    trace = Path(tempfile.mkdtemp()) / "trace.txt"
+    with tempfile.TemporaryDirectory() as tmp:
+        return _jitter(server, model, busy, calls, Path(tmp) / "trace.txt")
+
+
+def _jitter(server: JackServer, model: str, busy: bool, calls: int, trace: Path) -> dict[str, float]:
     client = "antiphon-busy" if busy else "antiphon-jit"
     argv = [sys.executable, "-m", "antiphon.daemon.rigs.bench_live", "busy" if busy else "jam", "--api", "jack",
             "--client-name", client, "--model", model, "--wait-ms", str(WAIT_MS), "--seed", "5",
