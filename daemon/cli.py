@@ -29,14 +29,18 @@ from antiphon.daemon.config import (
 from antiphon.daemon.errors import UserError
 
 
+def _flag_help(f: dataclasses.Field, note: str = "") -> str:
+    # argparse %-formats help text; a config's "±10 %" must reach it as text.
+    return f"{f.metadata.get('help', '')} (default: {f.default!r}{note})".replace("%", "%%")
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group(f"{cls.__name__} (config-file keys are the field names)")
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
-        # argparse %-formats help text; a config's "±10 %" must reach it as text.
-        help_ = f"{f.metadata.get('help', '')} (default: {f.default!r})".replace("%", "%%")
+        help_ = _flag_help(f)
         if f.type in (bool, "bool"):
             group.add_argument(*flags, dest=f"{cls.__name__}.{f.name}", action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_)
@@ -126,7 +130,7 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     for steer in dataclasses.fields(Steers):
         f = JamConfig.__dataclass_fields__[steer.name]
         p.add_argument("--" + steer.name.replace("_", "-"), type=float, default=f.default,
-                       help=f"{f.metadata['help']} (default: {f.default!r}, as jam)".replace("%", "%%"))
+                       help=_flag_help(f, ", as jam"))
 
 
 def _eval(p: argparse.ArgumentParser) -> None:

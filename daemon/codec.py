@@ -321,10 +321,10 @@ class TokenDecoder:
         context still held it, and a player cutting in would be placed after the whole shift."""
         if not V.TIME_SHIFT <= token < V.VELOCITY:
             return token
-        sounding = [(onset, p) for p, onset in enumerate(self.onset) if onset >= 0]
-        if not sounding:
+        oldest = min(((onset, p) for p, onset in enumerate(self.onset) if onset >= 0), default=None)
+        if oldest is None:
             return token
-        first_onset, pitch = min(sounding)
+        first_onset, pitch = oldest
         last_step = first_onset + self.max_steps - 1  # the last step the oldest note may still sound
         if self.step + token - V.TIME_SHIFT + 1 <= last_step:
             return token

@@ -17,14 +17,13 @@ few np.unique calls per order and scoring a whole file is vectorised searchsorte
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from antiphon.daemon import vocab as V
-from antiphon.models.shards import read_split
+from antiphon.models.shards import file_sha256, read_split
 
 CACHE_VERSION = 1
 _MUL = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (golden ratio), spreads the hash
@@ -148,11 +147,7 @@ class MarkovModel:
 
 def corpus_hash(data_dir: str | Path) -> str:
     """sha256 of the train split's token file: the baseline is a function of exactly that."""
-    h = hashlib.sha256()
-    with open(Path(data_dir) / "train.bin", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(Path(data_dir) / "train.bin")
 
 
 def baseline_for(data_dir: str | Path, max_order: int = 4, discount: float = 0.95,

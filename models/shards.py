@@ -10,6 +10,7 @@ Flat files memory-map, so training reads random windows without loading the corp
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -20,6 +21,14 @@ from antiphon.daemon.errors import UserError
 
 SPLITS = ("train", "valid_perf", "valid_score")
 KINDS = ("performance", "score", "sequenced")  # augmented copies of scores count as scores
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_split(out_dir: str | Path, split: str, docs: Iterable[Sequence[int]],

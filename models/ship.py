@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 from pathlib import Path
@@ -26,17 +25,11 @@ RECORD = ROOT / "models" / "assets" / "default.json"
 VERIFY_MIDI = "data/corpus/heldout/valid_perf/hannds__test__001-Satie-Gymnopedie_No1.mid"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def training_log(run_dir: Path) -> dict[str, Any]:
+    from antiphon.models.train import read_log
+
     log = run_dir / "log.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    rows = read_log(log) if log.is_file() else []
     steps = [r for r in rows if "train_loss" in r]
     curve = [r for r in rows if "valid_perf" in r]
     return {"steps_logged": len(steps),
@@ -45,6 +38,8 @@ def training_log(run_dir: Path) -> dict[str, Any]:
 
 
 def record(src: Path, meta: dict[str, Any], evals: dict[str, Any]) -> dict[str, Any]:
+    from antiphon.models.shards import file_sha256
+
     tcfg = meta.get("train_config", {})
     corpus = Path(tcfg.get("data", "data/corpus"))
     files = {name: corpus / name for name in ("manifest.jsonl", "train.bin")}
@@ -55,12 +50,12 @@ def record(src: Path, meta: dict[str, Any], evals: dict[str, Any]) -> dict[str, 
         "parent_run_id": meta.get("parent_run_id"),
         "model_config": meta["model_config"],
         "checkpoint": {"file": str(CHECKPOINT.relative_to(ROOT)), "source": str(src), "weights": "fp16",
-                       "sha256": sha256(CHECKPOINT), "step": meta.get("step"),
+                       "sha256": file_sha256(CHECKPOINT), "step": meta.get("step"),
                        "best_valid_perf": meta.get("best_valid_perf")},
         "train_config": tcfg,
         "training": {"tokens_seen": meta.get("tokens_seen"), "wall_s": meta.get("wall_s"),
                      "final_valid": meta.get("valid"), **training_log(src.parent)},
-        "corpus": {"dir": str(corpus), **{f"{k}_sha256": sha256(p) for k, p in files.items() if p.is_file()}},
+        "corpus": {"dir": str(corpus), **{f"{k}_sha256": file_sha256(p) for k, p in files.items() if p.is_file()}},
         **evals,
     }
 
@@ -74,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record-only", action="store_true",
                    help="only add the --record JSONs to the shipped model's default.json")
     args = p.parse_args(argv)
-    from antiphon.export import cli as export_cli
+    from antiphon.daemon import cli
     from antiphon.models.checkpoint import save_half
 
     src = Path(args.checkpoint)
@@ -86,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         RECORD.write_text(json.dumps({**json.loads(RECORD.read_text()), **evals}, indent=1) + "\n")
         return 0
     meta = save_half(src, CHECKPOINT)
-    export_cli.main(argparse.Namespace(checkpoint=str(CHECKPOINT), output=str(ONNX), int8=True, fp16=False,
-                                       verify=None, midi=args.midi, layout="gqa", exporter="dynamo"))
+    if cli.main(["export", str(CHECKPOINT), "-o", str(ONNX), "--int8", "--midi", args.midi]) != 0:
+        raise SystemExit(f"export of {CHECKPOINT} failed; {ONNX} is not the shipped model's")
     meta = {k: v for k, v in meta.items() if k != "model"}
     RECORD.write_text(json.dumps(record(src, meta, evals), indent=1) + "\n")
     print(f"shipped {src} as {CHECKPOINT.relative_to(ROOT)} (fp16 weights) and {ONNX.relative_to(ROOT)} (+ int8); "

@@ -194,6 +194,10 @@ def resolve_configs(args, out: Path) -> tuple[TrainConfig, ModelConfig, dict[str
     return tcfg, saved_m, ck
 
 
+def read_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class Logger:
     """JSONL loss log (rank 0). On resume, rows after the checkpoint's step are dropped."""
 
@@ -206,7 +210,7 @@ class Logger:
             path.write_text("")
 
     def rows(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_log(self.path)
 
     def write(self, **row: Any) -> None:
         if self.enabled:
