@@ -64,6 +64,11 @@ def same_time(t: float) -> float:
     return t
 
 
+def free_time(t: float) -> float | None:
+    """No MIDI clock: an answer starts when planned (None: not moved onto a beat)."""
+    return None
+
+
 @dataclass
 class Answer:
     """One speculative-then-played answer generation."""
@@ -78,5 +83,6 @@ class Answer:
     note_ids: dict[int, int] = field(default_factory=dict)
     shifts: dict[int, float] = field(default_factory=dict)  # pitch -> how far quantizing moved its note-on
     notes: int = 0
+    on_beat: bool = False  # start was put on a beat of the MIDI clock: the scheduler keeps it there
     done: bool = False
     memory_mark: tuple = ()  # the session memory's lookup state at the answer's start

@@ -32,6 +32,7 @@ from antiphon.daemon.answer import (
     answer_decoder,
     answer_seconds,
     clone_encoder,
+    free_time,
     same_time,
 )
 from antiphon.daemon.config import JamConfig
@@ -47,11 +48,12 @@ class Conversation:
     """The engine thread's state: feed it player messages and scheduler replies; call `step` when idle."""
 
     def __init__(self, engine: Any, sampler: Any, grammar_mask: Callable, cfg: JamConfig,
-                 submit: Callable[[int, list[Item]], None], cancel: Callable[[int], None],
-                 log: Callable[[str], None] = print, align: Callable[[float], float] = same_time,
+                 submit: Callable[[int, list[Item], float | None], None], cancel: Callable[[int], None],
+                 log: Callable[[str], None] = print, align: Callable[[float], float | None] = free_time,
                  snap: Callable[[float], float] = same_time) -> None:
         """`align`: where an answer planned to start at t really starts (the next beat under MIDI
-        clock); `snap`: where an answer note-on due at t is played (quantization). Both default to t."""
+        clock; None: at t, in free time); `snap`: where an answer note-on due at t is played
+        (quantization; defaults to t). `submit` gets each answer's start when it was put on a beat."""
         self.align, self.snap = align, snap
         self.answer_scale = cfg.answer_scale  # live controls change these two
         self.enabled = True
@@ -276,12 +278,14 @@ class Conversation:
         if e.length > e.context * 3 // 4:
             self._commit(e.slide(e.context // 2))  # make room for the answer before it is due
         spec_enc = clone_encoder(self.enc)
-        start = self.align(self.last_event + self.wait_s if at is None else max(at, self.last_event))
+        planned = self.last_event + self.wait_s if at is None else max(at, self.last_event)
+        on_beat = self.align(planned)
+        start = planned if on_beat is None else on_beat
         prefix = spec_enc.advance_to(start)
         self.gen += 1
         logits = e.prefill(prefix) if prefix else self.logits
         self.answer = Answer(self.gen, start, answer_seconds(call_s, self.cfg, self.answer_scale), prefix, e.length,
-                             answer_decoder(spec_enc, self.out_channel, self.cfg.max_note_s))
+                             answer_decoder(spec_enc, self.out_channel, self.cfg.max_note_s), on_beat=on_beat is not None)
         self.spec_logits = np.array(logits, dtype=np.float32)
         memory = getattr(self.sampler, "memory", None)
         if memory is not None:
@@ -337,7 +341,7 @@ class Conversation:
         a.tokens.append(tok)
         self.spec_logits = self.engine.decode(tok)
         if items:
-            self.submit(a.gen, items)
+            self.submit(a.gen, items, a.start if a.on_beat else None)
 
     def _close(self, a: Answer) -> None:
         """Release every answer note at the answer's end, in the cache as in the output."""

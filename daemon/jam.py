@@ -151,6 +151,7 @@ class Jam:
         self.scheduler = Scheduler(studio.send(self.midi_out.send_message), self.clock, cfg.late_drop_ms,
                                    cfg.out_channel - 1, log, self._trace)
         studio.scheduler, studio.to_engine = self.scheduler, self.engine_q.put
+        self.scheduler.retimer = studio.on_the_beat
         # The engine (ORT session, first prefill) is built before any real-time thread starts.
         engine = Engine(cfg.model or None, threads=cfg.threads, log=lambda s: None)
         self.model_desc = f"{engine.model_path} (context {engine.context})"
@@ -174,8 +175,8 @@ class Jam:
             at = "-" if beats is None else f"{beats:.4f}"
             self.trace_file.write(f"{due:.6f} {sent:.6f} {msg[0]} {msg[1]} {msg[2]} {at}\n")
 
-    def _submit(self, gen: int, items: list) -> None:
-        self.sched_q.put(("submit", gen, items))
+    def _submit(self, gen: int, items: list, start: float | None = None) -> None:
+        self.sched_q.put(("submit", gen, items, start))
 
     def _cancel(self, gen: int) -> None:
         self.sched_q.put(("cancel", gen, self._heard))

@@ -360,63 +360,63 @@ class ClockFollower:
 
     def synced(self, now: float) -> bool:
         """Running, placed on the time line, with a tempo, and ticks still arriving."""
-        return _synced(self.state, now)
+        return synced(self.state, now)
 
     def position_beats(self, t: float) -> float:
         """Song position at time t in beats (quarter notes) from the song start."""
-        return _position(self.state, t)
+        return position(self.state, t)
 
     def time_of(self, beats: float) -> float | None:
         """When song position `beats` plays, extrapolating the current tempo; None if not locked."""
-        return _time_of(self.state, beats)
+        return time_of(self.state, beats)
 
     def next_grid(self, after: float, grid_beats: float) -> float | None:
         """The first time strictly after `after` at a multiple of grid_beats from the song start."""
-        return _next_grid(self.state, after, grid_beats)
+        return next_grid(self.state, after, grid_beats)
 
     def next_beat(self, after: float) -> float | None:
-        return _next_grid(self.state, after, 1.0)
+        return next_grid(self.state, after, 1.0)
 
     def next_bar(self, after: float) -> float | None:
-        return _next_grid(self.state, after, float(self.beats_per_bar))
+        return next_grid(self.state, after, float(self.beats_per_bar))
 
     def snap(self, t: float, now: float, not_before: float | None = None) -> float:
         """Answer onset t moved to the nearest grid point while synced (unchanged in free time or
         with quantize off); never earlier than `not_before` (e.g. now plus the output latency)."""
         s, g = self.state, self.grid_beats  # one snapshot for the whole computation
-        if g <= 0 or not _synced(s, now):
+        if g <= 0 or not synced(s, now):
             return t
-        q = _time_of(s, round(_position(s, t) / g) * g)
+        q = time_of(s, round(position(s, t) / g) * g)
         if q is None:
             return t
         if not_before is not None and q < not_before:
-            q = _next_grid(s, not_before - 1e-9, g) or max(t, not_before)
+            q = next_grid(s, not_before - 1e-9, g) or max(t, not_before)
         return q
 
 
 # Queries work on one ClockState, so a tick published by the feeding thread mid-query cannot mix
 # two fits into one answer.
 
-def _synced(s: ClockState, now: float) -> bool:
+def synced(s: ClockState, now: float) -> bool:
     return (s.locked and 0 < s.period <= MAX_PERIOD_S
             and now - s.last_tick <= ClockFollower._lost_after(s.period))
 
 
-def _position(s: ClockState, t: float) -> float:
+def position(s: ClockState, t: float) -> float:
     if not s.locked or s.period <= 0:
         return s.stopped_tick / PPQN
     return (s.anchor_tick + (t - s.anchor_time) / s.period) / PPQN
 
 
-def _time_of(s: ClockState, beats: float) -> float | None:
+def time_of(s: ClockState, beats: float) -> float | None:
     if not s.locked or s.period <= 0:
         return None
     return s.anchor_time + (beats * PPQN - s.anchor_tick) * s.period
 
 
-def _next_grid(s: ClockState, after: float, grid_beats: float) -> float | None:
+def next_grid(s: ClockState, after: float, grid_beats: float) -> float | None:
     if not s.locked or s.period <= 0 or grid_beats <= 0:
         return None
-    k = math.floor(_position(s, after) / grid_beats + 1e-9) + 1
+    k = math.floor(position(s, after) / grid_beats + 1e-9) + 1
     t = s.anchor_time + (k * grid_beats * PPQN - s.anchor_tick) * s.period
     return t if t > after else t + grid_beats * PPQN * s.period

@@ -6,6 +6,11 @@ output port) or directly by tests with a ManualClock. Messages belong to an answ
 engine can learn exactly how much of the answer was heard. Each note-on has a note id and its
 note-off carries the same id: an off whose id no longer matches the ledger (the key was struck
 again since) is not sent, so a stale note-off can never cut a re-struck note.
+
+An answer placed on a beat of the MIDI clock is placed by the tempo line as it stood then, up to a
+second before it sounds; the line can move in between (a stalled graph delivers ticks late, a
+refit follows them). Until its first message goes out, such an answer is moved, whole, onto where
+its beat lies now (`retimer`, asked after each tick and on the answer's first submit).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from antiphon.daemon.clock import SPIN_S
 NOTE_OFF, NOTE_ON, CC = 0x80, 0x90, 0xB0
 CC_SUSTAIN, CC_ALL_NOTES_OFF = 64, 123
 IDLE_S = 0.25  # how often the scheduler looks after its output port (and wakes when idle)
+# A beat that moved less than this is not worth re-sorting the heap for (the line's own jitter).
+RETIME_MIN_S = 0.001
 
 
 class Item(NamedTuple):
@@ -46,17 +53,48 @@ class Scheduler:
         self.latest_gen = -1
         self.dead_gen = -1  # messages of this gen or older are refused: their answer was stopped
         self.dropped = 0
+        # Where the latest answer starts, placed on a beat and not yet played (None: nothing to
+        # retime), and how far retiming moved that answer (its later notes move as far). The
+        # retimer maps (start, now) to where the start's beat lies on the line now.
+        self.retimer: Callable[[float, float], float] | None = None
+        self.pending_gen, self.pending_start = -1, None
+        self.shift_gen, self.shift_s = -1, 0.0
 
     # ------------------------------------------------------------------ engine side
 
-    def submit(self, gen: int, items: Iterable[Item]) -> None:
+    def submit(self, gen: int, items: Iterable[Item], start: float | None = None) -> None:
+        """`start`: the answer's start, placed on a beat (None in free time), retimed until it plays."""
         if gen <= self.dead_gen:
             return
+        fresh = gen > self.latest_gen
         self.latest_gen = max(self.latest_gen, gen)
         self.progress.setdefault(gen, -1)
+        d = self.shift_s if gen == self.shift_gen else 0.0
         for it in items:
+            if d:
+                it = it._replace(due=it.due + d)
             self.seq += 1
             heapq.heappush(self.heap, (it.due, self.seq, gen, it))
+        if fresh and start is not None:
+            self.pending_gen, self.pending_start = gen, start
+            self.retime()  # the line may have moved since the engine placed it
+
+    def retime(self) -> None:
+        """Move the answer still waiting for its first note onto where its beat lies now."""
+        start, retimer = self.pending_start, self.retimer
+        if start is None or retimer is None:
+            return
+        delta = retimer(start, self.clock.now()) - start
+        if abs(delta) < RETIME_MIN_S:
+            return
+        g = self.pending_gen
+        self.heap = [(due + delta, seq, gen, it._replace(due=it.due + delta)) if gen == g else (due, seq, gen, it)
+                     for due, seq, gen, it in self.heap]
+        heapq.heapify(self.heap)
+        self.pending_start = start + delta
+        if self.shift_gen != g:
+            self.shift_gen, self.shift_s = g, 0.0
+        self.shift_s += delta
 
     def next_due(self) -> float | None:
         return self.heap[0][0] if self.heap else None
@@ -77,6 +115,8 @@ class Scheduler:
         sent = 0
         while self.heap and self.heap[0][0] <= now:
             _due, _, gen, it = heapq.heappop(self.heap)
+            if gen == self.pending_gen:
+                self.pending_start = None  # it sounds: its beat is kept, not chased
             if self.progress.get(gen, -1) < it.index:
                 self.progress[gen] = it.index
             if self._play(gen, it, now):
@@ -119,6 +159,8 @@ class Scheduler:
         """
         g = self.latest_gen if gen is None else gen
         self.dead_gen = max(self.dead_gen, g)
+        if self.pending_gen <= g:
+            self.pending_start = None
         self.heap = [e for e in self.heap if e[2] > g]
         heapq.heapify(self.heap)
         now = self.clock.now()
@@ -135,6 +177,7 @@ class Scheduler:
     def panic(self) -> None:
         """Silence everything we may have started: note-offs, sustain off, all-notes-off."""
         self.heap.clear()
+        self.pending_start = None
         self.dead_gen = max(self.dead_gen, self.latest_gen)
         now = self.clock.now()
         for ch, pitch in list(self.ledger):
@@ -151,7 +194,7 @@ class Scheduler:
         """One command from the queue; False means quit."""
         op = cmd[0]
         if op == "submit":
-            self.submit(cmd[1], cmd[2])
+            self.submit(cmd[1], cmd[2], cmd[3] if len(cmd) > 3 else None)
         elif op == "cancel":
             cmd[2](self.stop(cmd[1]))
         elif op == "panic":

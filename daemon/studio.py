@@ -40,6 +40,10 @@ ENGINE_BACKLOG = 128
 # An answer note quantized onto the grid is never moved earlier than now plus this (the send path).
 SNAP_LEAD_S = 0.002
 LATE_RING = 1 << 16
+# An answer whose beat the moving tempo line puts this far in the past still starts at once (the
+# rest of it on the line); further, it starts on the next beat. Never more than half of
+# --late-drop-ms, so its first note is not dropped as late.
+ON_TIME_S = 0.03
 TRANSPORT_MARKERS = {M.START: "start", M.CONTINUE: "continue", M.STOP: "stop"}
 # Clock ticks are stamped on the MIDI system's own time (rtmidi's delta times: on JACK, when the
 # process cycle ran), mapped onto the daemon's clock by the smallest offset of the latest
@@ -60,6 +64,7 @@ class Studio:
         self.inbox = Inbox.from_config(cfg)
         self.controls = Controls.from_config(cfg)
         self.beat = ClockFollower(cfg.beats_per_bar, cfg.quantize)
+        self.on_time_s = min(ON_TIME_S, cfg.late_drop_ms / 2000.0)
         self.echo = EchoGuard.from_config(cfg.echo_window_ms)
         self.rec = None
         if cfg.record:
@@ -191,6 +196,8 @@ class Studio:
     def _transport(self, status: int, msg: list[int], t: float) -> None:
         if not self.beat.feed(msg, t):
             return
+        if self.scheduler.pending_start is not None:
+            self.scheduler.retime()  # the line moved with this tick: the waiting answer follows its beat
         text = TRANSPORT_MARKERS.get(status)
         if text is None:
             return
@@ -230,12 +237,28 @@ class Studio:
         if kind != C.PANIC or action.value < 0xF0:
             self.log(f"control: {action.describe()}")
 
-    def align(self, start: float) -> float:
-        """The answer's start moved onto the next beat (or bar) when following MIDI clock."""
+    def align(self, start: float) -> float | None:
+        """The answer's start moved onto the next beat (or bar) when following MIDI clock; None in free time."""
         if not self.cfg.midi_clock or not self.beat.synced(self.clock.now()):
+            return None
+        return self.beat.next_grid(start - 1e-6, self._sync_beats())
+
+    def on_the_beat(self, start: float, now: float) -> float:
+        """Scheduler thread: where an answer placed on a beat at `start` starts by the line as it
+        stands now: the same beat (or bar), moved with the line; the next one if that has passed by
+        more than ON_TIME_S (late on the beat sounds worse than a beat later); `start` in free time."""
+        s, grid = self.beat.state, self._sync_beats()
+        if not M.synced(s, now):
             return start
-        nxt = self.beat.next_bar(start - 1e-6) if self.cfg.sync_to == "bar" else self.beat.next_beat(start - 1e-6)
-        return start if nxt is None else nxt
+        t = M.time_of(s, round(M.position(s, start) / grid) * grid)
+        if t is None:
+            return start
+        if t < now - self.on_time_s:
+            return M.next_grid(s, now, grid) or start
+        return t
+
+    def _sync_beats(self) -> float:
+        return float(self.cfg.beats_per_bar) if self.cfg.sync_to == "bar" else 1.0
 
     def snap(self, due: float) -> float:
         if not self.cfg.quantize:

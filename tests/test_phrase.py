@@ -63,7 +63,7 @@ class Harness:
         self.cancelled: list[int] = []
         self.cfg = JamConfig(quiet=True, **cfg)
         self.conv = Conversation(self.engine, Sampler(3, 1.0, 1.0), grammar_mask, self.cfg,
-                                 lambda g, items: self.submitted.append((g, items)), self.cancelled.append)
+                                 lambda g, items, start=None: self.submitted.append((g, items)), self.cancelled.append)
 
     def play(self, t: float, status: int, pitch: int, vel: int = 0, reply: bool = True) -> None:
         asked = len(self.cancelled)

@@ -129,8 +129,11 @@ def test_the_thread_sends_on_time_wakes_for_commands_and_panics_on_quit():
     assert not th.is_alive()
     assert others == [("input", 0.0, [0x90, 1, 1])]
     lateness = sorted(sent - it.due for (sent, _), it in zip(port.sent[:20], items))
-    # Stated tolerance: sleep-then-spin lands within 1 ms at p90 even on a busy 2-core box.
-    assert lateness[0] >= 0 and lateness[17] < 0.001, lateness
+    # Stated tolerance: sleep-then-spin lands within 5 ms at p90 on a busy 2-core box (measured 1.9 ms
+    # with two 2-thread ONNX evaluations on both cores; one that waited out its idle timeout would be
+    # up to 250 ms late).
+    # The strict figures are `antiphon bench --live`'s.
+    assert lateness[0] >= 0 and lateness[17] < 0.005, lateness
     assert port.messages()[20] == [ON, 62, 90]
     assert port.messages()[-3:] == [[OFF, 62, 0], [CC, 64, 0], [CC, 123, 0]]
 
