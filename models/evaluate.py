@@ -265,7 +265,7 @@ def main(args) -> int:
         fitted = SE.fit(streamed)
         result["session"] = {"nll_without_memory": SE.nll(streamed),
                              "nll_with_memory": SE.nll(streamed, *SE.shipped_constants()),
-                             "memory_constants": dict(zip(("variant", "weight", "half_order"),
+                             "memory_constants": dict(zip(("variant", "weight", "half_order", "top_weight"),
                                                           SE.shipped_constants())),
                              "best_constants_on_this_set": fitted}
     if args.phrases > 0:

@@ -20,8 +20,9 @@ from antiphon.daemon import vocab as V
 from antiphon.daemon.memory import SessionMemory
 
 VARIANTS = (("interval", 4), ("interval", 6), ("pitch", 6))
-WEIGHTS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 HALF_ORDERS = (0.5, 1.0, 2.0, 4.0)
+TOP_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -39,7 +40,7 @@ def stream(lm, docs: Sequence[Sequence[int]], variants: Sequence[tuple[str, int]
     for doc in docs:
         memories = [SessionMemory(max_order=k, weight=1.0, half_order=0.0, viewpoint=v, top_voice=False)
                     for v, k in variants]
-        jam = SessionMemory()  # as shipped: its top voice, mixed in by `nll` as jam mixes it
+        jam = SessionMemory(top_weight=1.0)  # its top voice at unit weight: `nll` scales it as jam mixes it
         lm.reset()
         logits = lm.prefill([doc[0]])
         window = [doc[0]]
@@ -78,17 +79,20 @@ def stream(lm, docs: Sequence[Sequence[int]], variants: Sequence[tuple[str, int]
             "top_add": np.array(top, np.float32).reshape(-1, V.N_PITCH)}
 
 
-def nll(s: dict, variant: tuple[str, int] | None = None, weight: float = 0.0, half_order: float = 1.0) -> float:
-    """Mean nats/token with the memory `variant` mixed in as jam mixes it, the top voice too (None or
-    weight 0: the model alone)."""
+def nll(s: dict, variant: tuple[str, int] | None = None, weight: float = 0.0, half_order: float = 1.0,
+        top_weight: float = MEM.TOP_WEIGHT) -> float:
+    """Mean nats/token with the memory `variant` mixed in as jam mixes it at `weight`, and the top
+    voice at `top_weight` (variant None, or both weights 0: the model alone). The top voice's
+    proposals were recorded at unit weight and its own half order; `top_weight` scales them."""
     total = -s["logp"].sum()
-    if variant is None or weight <= 0.0 or s["target"].size == 0:
+    if variant is None or (weight <= 0.0 and top_weight <= 0.0) or s["target"].size == 0:
         return float(total / s["logp"].size)
     j = s["variants"].index(tuple(variant))
     k = np.maximum(s["match"][:, j], 0.0)
     w = np.where(k >= 1, weight * k / (k + half_order), 0.0)[:, None]
     mixed = s["pitch_logp"].astype(np.float64) + w * np.log(s["mem_p"][:, j].astype(np.float64) + MEM.FLOOR)
-    mixed = _mix_top(mixed, s["top_add"].astype(np.float64))
+    if top_weight > 0.0:
+        mixed = _mix_top(mixed, s["top_add"].astype(np.float64) * top_weight)
     mixed -= mixed.max(axis=1, keepdims=True)
     mixed -= np.log(np.exp(mixed).sum(axis=1, keepdims=True))
     rows = np.arange(s["target"].size)
@@ -113,8 +117,8 @@ def _mix_top(mixed: np.ndarray, add: np.ndarray) -> np.ndarray:
     return mixed
 
 
-def shipped_constants() -> tuple[tuple[str, int], float, float]:
-    return (MEM.VIEWPOINT, MEM.MAX_ORDER), MEM.WEIGHT, MEM.HALF_ORDER
+def shipped_constants() -> tuple[tuple[str, int], float, float, float]:
+    return (MEM.VIEWPOINT, MEM.MAX_ORDER), MEM.WEIGHT, MEM.HALF_ORDER, MEM.TOP_WEIGHT
 
 
 def fit(s: dict) -> dict:
@@ -122,9 +126,9 @@ def fit(s: dict) -> dict:
     best of each variant (to compare viewpoints and orders)."""
     per_variant = {}
     for v in s["variants"]:
-        w, h = min(itertools.product(WEIGHTS, HALF_ORDERS), key=lambda c: nll(s, v, *c))
-        per_variant[f"{v[0]}/{v[1]}"] = {"weight": w, "half_order": h, "nll": nll(s, v, w, h)}
+        c = min(itertools.product(WEIGHTS, HALF_ORDERS, TOP_WEIGHTS), key=lambda c: nll(s, v, *c))
+        per_variant[f"{v[0]}/{v[1]}"] = {"weight": c[0], "half_order": c[1], "top_weight": c[2], "nll": nll(s, v, *c)}
     name, best = min(per_variant.items(), key=lambda kv: kv[1]["nll"])
     viewpoint, order = name.split("/")
-    return {"viewpoint": viewpoint, "max_order": int(order), "weight": best["weight"],
-            "half_order": best["half_order"], "nll": best["nll"], "nll_without": nll(s), "variants": per_variant}
+    return {"viewpoint": viewpoint, "max_order": int(order), **{k: best[k] for k in ("weight", "half_order", "top_weight")},
+            "nll": best["nll"], "nll_without": nll(s), "variants": per_variant}

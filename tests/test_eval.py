@@ -234,19 +234,23 @@ def test_streamed_nll_mixes_the_top_voice_as_jam_does(tiny_model):
     s = SE.stream(lm, [[V.BOS] + piece + piece], variants=(("interval", 6),))
     banded = ~np.isnan(s["top_add"]).all(axis=1)
     assert banded.mean() > 0.5  # the second time through, the top voice proposes at most note-ons
-    # Row by row, as the sampler mixes (memory.mix_pitch, then memory.mix_top), recomputed here.
-    jam = SessionMemory()
-    rows, i = [], 0
-    for tok in piece + piece:
-        if V.NOTE_ON <= tok < V.NOTE_OFF:
-            w, p = jam.propose()
-            mixed = mix_pitch(s["pitch_logp"][i].astype(np.float64), w, p)
-            rows.append(mix_top(mixed, *jam.propose_top()))
-            i += 1
-        jam.hear_token(tok)
-    mixed = np.array(rows)
-    mixed -= mixed.max(axis=1, keepdims=True)
-    mixed -= np.log(np.exp(mixed).sum(axis=1, keepdims=True))
-    by_rows = -(mixed[np.arange(i), s["target"]] - s["pitch_logp"][np.arange(i), s["target"]]).sum()
-    expected = (-s["logp"].sum() + by_rows) / s["logp"].size
-    assert SE.nll(s, *SE.shipped_constants()) == pytest.approx(expected, rel=1e-5)
+    # Row by row, as the sampler mixes (memory.mix_pitch, then memory.mix_top), recomputed here,
+    # at the shipped weights, at half the top voice's, and without it.
+    variant, weight, half_order, top_weight = SE.shipped_constants()
+    for scale in (1.0, 0.5, 0.0):
+        jam = SessionMemory()
+        rows, i = [], 0
+        for tok in piece + piece:
+            if V.NOTE_ON <= tok < V.NOTE_OFF:
+                w, p = jam.propose()
+                mixed = mix_pitch(s["pitch_logp"][i].astype(np.float64), w, p)
+                w_top, *top = jam.propose_top()
+                rows.append(mix_top(mixed, scale * w_top, *top))
+                i += 1
+            jam.hear_token(tok)
+        mixed = np.array(rows)
+        mixed -= mixed.max(axis=1, keepdims=True)
+        mixed -= np.log(np.exp(mixed).sum(axis=1, keepdims=True))
+        by_rows = -(mixed[np.arange(i), s["target"]] - s["pitch_logp"][np.arange(i), s["target"]]).sum()
+        expected = (-s["logp"].sum() + by_rows) / s["logp"].size
+        assert SE.nll(s, variant, weight, half_order, scale * top_weight) == pytest.approx(expected, rel=1e-5), scale
