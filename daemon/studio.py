@@ -254,7 +254,12 @@ class Studio:
         if t is None:
             return start
         if t < now - self.on_time_s:
-            return M.next_grid(s, now, grid) or start
+            later = M.next_grid(s, now, grid)
+            if later is None:
+                return start
+            self.log(f"clock: the tempo line moved this answer's {'bar' if grid > 1 else 'beat'} "
+                     f"{1000 * (now - t):.0f} ms into the past: it starts on the next one")
+            return later
         return t
 
     def _sync_beats(self) -> float:

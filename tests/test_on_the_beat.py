@@ -17,9 +17,9 @@ PERIOD = 60.0 / (PPQN * BPM)  # 25 ms
 BEAT = PPQN * PERIOD
 
 
-def rig(**cfg):
+def rig(logs: list[str] | None = None, **cfg):
     clock = ManualClock(T0 - 0.5)
-    studio = Studio(JamConfig(**cfg), clock, log=lambda s: None)
+    studio = Studio(JamConfig(**cfg), clock, log=(logs if logs is not None else []).append)
     dues: list[tuple[float, list[int]]] = []
     sched = Scheduler(lambda m: None, clock, 100.0, 0, lambda s: None, lambda due, sent, m: dues.append((due, m)))
     studio.scheduler, sched.retimer = sched, studio.on_the_beat
@@ -66,13 +66,16 @@ def state(anchor_time: float, last_tick: float) -> ClockState:
 
 
 def test_a_beat_the_line_puts_in_the_past_starts_at_once_or_on_the_next_beat():
-    _, studio, _, _ = rig()
+    logs: list[str] = []
+    _, studio, _, _ = rig(logs)
     start = T0 + 4 * BEAT  # placed on beat 4
     now = start - 0.01  # beat 4 was 10 ms ago: still on time, the rest of the answer on the line
     studio.beat.state = state(T0 - 0.02, now)  # the line now has every beat 20 ms earlier
     assert studio.on_the_beat(start, now) == pytest.approx(start - 0.02)
+    assert logs == []
     studio.beat.state = state(T0 - 0.1, now)  # 100 ms earlier: late on the beat, so the next beat
     assert studio.on_the_beat(start, now) == pytest.approx(start - 0.1 + BEAT)
+    assert logs == ["clock: the tempo line moved this answer's beat 90 ms into the past: it starts on the next one"]
     studio.beat.state = state(T0 + 0.2, now)  # later: the same beat, waited for
     assert studio.on_the_beat(start, now) == pytest.approx(start + 0.2)
     # Ticks gone for over a second: free time, the start is left alone.
