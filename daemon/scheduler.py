@@ -53,12 +53,11 @@ class Scheduler:
         self.latest_gen = -1
         self.dead_gen = -1  # messages of this gen or older are refused: their answer was stopped
         self.dropped = 0
-        # Where the latest answer starts, placed on a beat and not yet played (None: nothing to
-        # retime), and how far retiming moved that answer (its later notes move as far). The
-        # retimer maps (start, now) to where the start's beat lies on the line now.
+        # The latest answer placed on a beat: its start while not yet played (None: nothing to
+        # retime), and how far retiming moved it (its later notes move as far). The retimer maps
+        # (start, now) to where the start's beat lies on the line now.
         self.retimer: Callable[[float, float], float] | None = None
-        self.pending_gen, self.pending_start = -1, None
-        self.shift_gen, self.shift_s = -1, 0.0
+        self.pending_gen, self.pending_start, self.shift_s = -1, None, 0.0
 
     # ------------------------------------------------------------------ engine side
 
@@ -69,14 +68,14 @@ class Scheduler:
         fresh = gen > self.latest_gen
         self.latest_gen = max(self.latest_gen, gen)
         self.progress.setdefault(gen, -1)
-        d = self.shift_s if gen == self.shift_gen else 0.0
+        d = self.shift_s if gen == self.pending_gen else 0.0
         for it in items:
             if d:
                 it = it._replace(due=it.due + d)
             self.seq += 1
             heapq.heappush(self.heap, (it.due, self.seq, gen, it))
         if fresh and start is not None:
-            self.pending_gen, self.pending_start = gen, start
+            self.pending_gen, self.pending_start, self.shift_s = gen, start, 0.0
             self.retime()  # the line may have moved since the engine placed it
 
     def retime(self) -> None:
@@ -92,8 +91,6 @@ class Scheduler:
                      for due, seq, gen, it in self.heap]
         heapq.heapify(self.heap)
         self.pending_start = start + delta
-        if self.shift_gen != g:
-            self.shift_gen, self.shift_s = g, 0.0
         self.shift_s += delta
 
     def next_due(self) -> float | None:

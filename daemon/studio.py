@@ -196,8 +196,7 @@ class Studio:
     def _transport(self, status: int, msg: list[int], t: float) -> None:
         if not self.beat.feed(msg, t):
             return
-        if self.scheduler.pending_start is not None:
-            self.scheduler.retime()  # the line moved with this tick: the waiting answer follows its beat
+        self.scheduler.retime()  # the line moved with this tick: an answer waiting to start follows its beat
         text = TRANSPORT_MARKERS.get(status)
         if text is None:
             return
@@ -250,13 +249,10 @@ class Studio:
         s, grid = self.beat.state, self._sync_beats()
         if not M.synced(s, now):
             return start
+        # Synced: the line is locked with a tempo, so both times below exist.
         t = M.time_of(s, round(M.position(s, start) / grid) * grid)
-        if t is None:
-            return start
         if t < now - self.on_time_s:
             later = M.next_grid(s, now, grid)
-            if later is None:
-                return start
             self.log(f"clock: the tempo line moved this answer's {'bar' if grid > 1 else 'beat'} "
                      f"{1000 * (now - t):.0f} ms into the past: it starts on the next one")
             return later
