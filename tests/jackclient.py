@@ -199,14 +199,33 @@ def first_note_on(messages):
     return next(t for t, m in messages if m[0] & 0xF0 == 0x90 and m[2] > 0)
 
 
-def wait_first_note(probe: Probe, since: float, timeout: float = 3.0, proc=None) -> float:
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        got = [(t, m) for t, m in probe.since(since) if m[0] & 0xF0 == 0x90 and m[2] > 0]
-        if got:
-            return got[0][0]
-        time.sleep(0.002)
-    pytest.fail("no answer arrived" + (f"; the daemon said:\n{daemon_log(proc)}" if proc is not None else ""))
+def wait_first_note(probe: Probe, since: float, timeout: float = 3.0, proc=None,
+                    max_note_s: float = MAX_NOTE_S) -> float:
+    """When the first note-on after `since` (a call's end) was heard. If none comes within
+    `timeout` and the daemon's log (proc) then says it took a held key as released, JACK lost the
+    call's note-off (CI: no answer within 3 s, and nothing in the log yet): the answer comes
+    max_note_s late, by design, and is waited for."""
+    lost_before = daemon_log(proc).count(LOST_NOTE_OFF) if proc is not None else 0
+
+    def first_after(deadline: float) -> float | None:
+        while time.perf_counter() < deadline:
+            got = [t for t, m in probe.since(since) if m[0] & 0xF0 == 0x90 and m[2] > 0]
+            if got:
+                return got[0]
+            time.sleep(0.002)
+        return None
+
+    first = first_after(time.perf_counter() + timeout)
+    if first is None and proc is not None:
+        # The daemon's own patience with a held key; an answer in between, without the log line,
+        # was late for no reason it gave, and fails below.
+        time.sleep(max(0.0, since + max_note_s + 0.5 - time.perf_counter()))
+        if daemon_log(proc).count(LOST_NOTE_OFF) > lost_before:
+            first = first_after(time.perf_counter() + timeout)
+            print(f"JACK lost a note-off of the call ending at {since:.3f}: answered late, by design")
+    if first is None:
+        pytest.fail("no answer arrived" + (f"; the daemon said:\n{daemon_log(proc)}" if proc is not None else ""))
+    return first
 
 
 @pytest.fixture(scope="module")

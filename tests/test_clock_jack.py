@@ -32,10 +32,12 @@ def report(s: C.Session) -> None:
     """Everything a failure needs, printed whole (pytest shortens long assertion messages)."""
     print(f"{s.scenario}: transport heard {s.transport!r} (antiphon: {s.antiphon_transport!r}); listener's runs "
           f"(first, last index, period ms) {s.source.describe()}, {s.source.missing} ticks it lost, "
-          f"{s.source.unplaced} runs it cannot place")
+          f"{s.source.unplaced} runs it cannot place; the relay's silences {s.relay_silences}")
     for a in s.answers:
         print("  ", a)
     print("antiphon's log:\n" + s.log)
+    if s.relay_silences:
+        print(f"the relay said: {s.relay_said!r}")
 
 
 def assert_on_the_sources_beats(s: C.Session) -> None:
@@ -45,6 +47,10 @@ def assert_on_the_sources_beats(s: C.Session) -> None:
     unanswered = [a.phrase for a in s.answers if not a.answered]
     # A call whose note-off JACK dropped is answered late or not in its window, by design.
     assert len(unanswered) <= s.calls_cut_short, f"phrases {unanswered} got no answer"
+    # The relay (antiphon's clock there) fell silent past antiphon's patience: it must say it
+    # answers in free time, and is not judged on beats (CI: the relay forwarded nothing more).
+    if any(a.clock_gone for a in s.answers):
+        assert "clock: the transport runs but no MIDI clock tick has arrived" in s.log, s.log
     judged = [a for a in s.answers if a.answered and a.judged]
     for a in judged:
         assert a.traced_beats is not None, f"phrase {a.phrase} answered in free time"
@@ -139,3 +145,15 @@ def test_the_log_says_why_it_is_silent(jack, jam_model, jack_midi_clock, tmp_pat
         player.close()
     assert log.count("clock: the transport runs but no MIDI clock tick has arrived") == 1, log
     assert log.count("input: messages on other MIDI channels are not answered") == 1, log
+
+
+def test_a_relay_silent_past_antiphons_patience_excuses_only_the_phrases_it_touched():
+    ticks = [i * 0.025 for i in range(200)]  # 0 to 4.975 s, then the relay forwards nothing
+    assert C.silences(ticks, until=10.0) == [(ticks[-1], 10.0)]
+    with_a_short_stall = [t for t in ticks if not 1.0 < t < 1.9]  # 0.9 s: antiphon extrapolates
+    assert C.silences(with_a_short_stall, until=ticks[-1]) == []
+    gap = (5.0, 7.0)
+    assert not C.gone_while(gap, 2.0, 5.9)  # placed before antiphon took the clock as gone
+    assert C.gone_while(gap, 5.5, 6.2)
+    assert C.gone_while(gap, 7.2, 7.6)  # ticks back, the line not yet refitted
+    assert not C.gone_while(gap, 9.0, 9.4)

@@ -32,7 +32,7 @@ class Tap:
     """A listener (and, with drops, a relay) child: what a clock source's ticks look like at a client."""
 
     def __init__(self, jack: JackServer, name: str, drops: tuple[int, ...] | None = None) -> None:
-        self.name, self.heard = name, []
+        self.name, self.heard, self.said = name, [], ""
         argv = [sys.executable, "-m", "antiphon.daemon.rigs.clocklisten", name]
         if drops is not None:
             argv += [str(d) for d in drops] or ["0"]
@@ -57,6 +57,10 @@ class Tap:
                 self.heard.append((float(t), [int(b) for b in data]))
 
     def close(self) -> None:
+        """Ends the child; what it said on stderr stays in `said` (a relay that fell silent)."""
+        died = self.proc.poll()
+        if died is not None:
+            self.said = f"(the tap had exited with {died}) "
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()  # type: ignore[union-attr]
@@ -64,6 +68,8 @@ class Tap:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait(5)
+        self._log.seek(0)
+        self.said += self._log.read()[-2000:]
         self._log.close()
 
 

@@ -23,6 +23,7 @@ note was placed, and how far from that beat (as the source placed it) was it sen
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -37,7 +38,7 @@ import numpy as np
 
 from antiphon.daemon.context import LOST_NOTE_OFF
 from antiphon.daemon.jam import read_trace_beats
-from antiphon.daemon.midiclock import CONTINUE, START, STOP
+from antiphon.daemon.midiclock import CONTINUE, LOST_MIN_S, START, STOP
 from antiphon.daemon.rigs import jackserver
 from antiphon.daemon.rigs.clocklisten import BPM, SourceBeats, Tap
 from antiphon.daemon.rigs.jackprobe import Probe
@@ -73,9 +74,13 @@ class Answer:
     source_beat: float | None = None  # that note's due time as a song position of the source
     sent_ms: float | None = None  # sent minus the source's time of the traced beat
     heard_ms: float | None = None  # heard by the player minus the source's time of the traced beat (None: JACK lost it)
+    due: float | None = None  # when the trace says the first note was due
     # False after a transport message that JACK dropped for antiphon or for the listener (they heard
     # different Start/Continue/Stop sequences from there on): which beat is right is then unknowable.
     judged: bool = True
+    # The relay, antiphon's clock in that scenario, forwarded no tick for longer than antiphon waits
+    # before it takes the clock as gone (CI: 1.1 s, and never again): free time is then right.
+    clock_gone: bool = False
 
 
 @dataclass
@@ -88,6 +93,8 @@ class Session:
     transport: str = ""  # the transport messages the listener heard, in order: S(tart) C(ontinue) P (stop)
     workdir: Path = Path()
     markers: list[str] = field(default_factory=list)  # the markers of antiphon's --record file, in order
+    relay_silences: list[tuple[float, float]] = field(default_factory=list)  # see Answer.clock_gone
+    relay_said: str = ""  # the relay's stderr, and whether it had died
 
     @property
     def all_answered(self) -> bool:
@@ -182,7 +189,7 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
             answers.append(Answer(k, False))
             continue
         due, sent, msg, beats = ons[0]
-        a = Answer(k, True, beats, source.beat_at(due))
+        a = Answer(k, True, beats, source.beat_at(due), due=due)
         # That very note-on: JACK drops a cycle's events for one client now and then, and the next
         # note the player heard (226 ms later, seen) is not the answer's first.
         heard = [t for t, m in player.since(t_off) if m[:2] == msg[:2] and m[2] > 0 and sent - 0.005 < t < until]
@@ -195,6 +202,14 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
     moves = [(t, TRANSPORT_LETTERS[m[0]]) for t, m in ref.heard if m[0] in TRANSPORT_LETTERS]
     s = Session(scenario, answers, log, source, dropped, "".join(letter for _, letter in moves), workdir,
                 recorded_markers(workdir / f"{name}-rec"))
+    if relay is not None:
+        s.relay_said = relay.said
+        s.relay_silences = silences([t for t, _ in relay.heard],
+                                    until=max((t for t, m in ref.heard if m[0] == 0xF8), default=-math.inf))
+        for a, t_off in zip(answers, offs):
+            a.clock_gone = any(gone_while(gap, t_off, a.due if a.due is not None else t_off + 2.0)
+                               for gap in s.relay_silences)
+            a.judged = a.judged and not a.clock_gone
     theirs = s.antiphon_transport
     if s.transport != theirs:
         split = next((i for i, (a, b) in enumerate(zip(s.transport, theirs)) if a != b),
@@ -211,6 +226,24 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
         for a, t_off in zip(answers, offs):
             a.judged = t_off < since
     return s
+
+
+# After a silence the follower refits its line on fresh ticks: as long as the session waits for one.
+REFIT_S = 1.5
+
+
+def silences(times: list[float], until: float) -> list[tuple[float, float]]:
+    """The stretches (from, to) longer than LOST_MIN_S between messages heard at `times` (in
+    order), up to `until` (the source's last tick: a relay that forwarded nothing after some point
+    fell silent up to there)."""
+    ts = [*times, until] if times and until > times[-1] else list(times)
+    return [(a, b) for a, b in itertools.pairwise(ts) if b - a > LOST_MIN_S]
+
+
+def gone_while(gap: tuple[float, float], since: float, until: float) -> bool:
+    """antiphon's clock was gone (no tick for LOST_MIN_S) at some time from `since` to `until`, or
+    had come back too recently for a refit, in the silence `gap`."""
+    return gap[0] + LOST_MIN_S < until and since < gap[1] + REFIT_S
 
 
 TRANSPORT_LETTERS = {START: "S", CONTINUE: "C", STOP: "P"}
