@@ -78,8 +78,9 @@ class Answer:
     # False after a transport message that JACK dropped for antiphon or for the listener (they heard
     # different Start/Continue/Stop sequences from there on): which beat is right is then unknowable.
     judged: bool = True
-    # The relay, antiphon's clock in that scenario, forwarded no tick for longer than antiphon waits
-    # before it takes the clock as gone (CI: 1.1 s, and never again): free time is then right.
+    # The relay, antiphon's clock in that scenario, sent no tick (as a second tap on its output
+    # heard) for longer than antiphon waits before it takes the clock as gone (CI: 1.1 s, and never
+    # again): free time is then right.
     clock_gone: bool = False
 
 
@@ -131,13 +132,16 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
     player = Probe(jack, f"{name}-player")
     ref = Tap(jack, f"{name}-ref")
     relay = Tap(jack, f"{name}-relay", RELAY_DROPS) if scenario == "relay" else None
+    # What the relay really sent antiphon: it hears its input whether or not its output still works.
+    relayed = Tap(jack, f"{name}-relayed") if relay is not None else None
     clock_src: subprocess.Popen | None = None
     offs: list[float] = []
     try:
         player.connect(f"{name}:in", f"{name}-out:out")
         targets = [ref.in_port, relay.in_port if relay else f"{name}:in"]
-        if relay is not None:
+        if relay is not None and relayed is not None:
             jack.connect(relay.out_port, f"{name}:in")
+            jack.connect(relay.out_port, relayed.in_port)
         transport(jack, "stop")
         transport(jack, "locate 0")
 
@@ -177,8 +181,9 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
         log = stop_jam(jam)
         player.close()
         ref.close()
-        if relay is not None:
-            relay.close()
+        for tap in (relay, relayed):
+            if tap is not None:
+                tap.close()
     source = SourceBeats.from_heard(ref.heard)
     rows = read_trace_beats(trace) if trace.exists() else []
     answers = []
@@ -202,9 +207,9 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
     moves = [(t, TRANSPORT_LETTERS[m[0]]) for t, m in ref.heard if m[0] in TRANSPORT_LETTERS]
     s = Session(scenario, answers, log, source, dropped, "".join(letter for _, letter in moves), workdir,
                 recorded_markers(workdir / f"{name}-rec"))
-    if relay is not None:
+    if relay is not None and relayed is not None:
         s.relay_said = relay.said
-        s.relay_silences = silences([t for t, _ in relay.heard],
+        s.relay_silences = silences([t for t, _ in relayed.heard],
                                     until=max((t for t, m in ref.heard if m[0] == 0xF8), default=-math.inf))
         for a, t_off in zip(answers, offs):
             a.clock_gone = any(gone_while(gap, t_off, a.due if a.due is not None else t_off + 2.0)
