@@ -238,3 +238,22 @@ def test_a_half_precision_copy_loads_as_the_same_model_and_fine_tunes(corpus_dir
         assert torch.allclose(full(x)[0], halved(x)[0], atol=2e-2)
     assert train(capsys, "--data", str(corpus_dir), "--out", str(tmp_path / "child"), "--steps", "2",
                  "--eval-every", "2", "--init", str(half), *TINY) == 0
+
+
+def test_shipping_appends_the_run_to_the_shipped_models_lineage(tmp_path, monkeypatch):
+    from antiphon.models import ship
+
+    record = tmp_path / "default.json"
+    stages = [{"stage": 1, "run_id": "a", "tokens_seen": 100, "wall_s": 10.0},
+              {"stage": 2, "run_id": "b", "tokens_seen": 50, "wall_s": 5.5}]
+    record.write_text(json.dumps({"run_id": "b", "lineage": {"stages": stages}}))
+    monkeypatch.setattr(ship, "RECORD", record)
+    meta = {"run_id": "c", "step": 7, "tokens_seen": 30, "wall_s": 2.0}
+    got = ship.lineage(meta, "stage three", "antiphon train --init models/assets/default.pt")
+    assert [s["run_id"] for s in got["stages"]] == ["a", "b", "c"]
+    assert got["stages"][-1] == {"stage": 3, "run_id": "c", "what": "stage three", "steps": 7, "tokens_seen": 30,
+                                 "wall_s": 2.0, "command": "antiphon train --init models/assets/default.pt"}
+    assert (got["tokens_seen_total"], got["wall_s_total"]) == (180, 17.5)
+    # Shipping the same run again replaces its stage instead of adding one.
+    record.write_text(json.dumps({"lineage": got}))
+    assert [s["run_id"] for s in ship.lineage(meta, "again", "")["stages"]] == ["a", "b", "c"]
