@@ -19,6 +19,7 @@ from __future__ import annotations
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from antiphon.daemon.rigs import clocksession as C
@@ -157,3 +158,19 @@ def test_a_relay_silent_past_antiphons_patience_excuses_only_the_phrases_it_touc
     assert C.gone_while(gap, 5.5, 6.2)
     assert C.gone_while(gap, 7.2, 7.6)  # ticks back, the line not yet refitted
     assert not C.gone_while(gap, 9.0, 9.4)
+
+
+def test_the_follower_replayed_on_the_listeners_stamps_counts_as_the_listener_does():
+    from antiphon.daemon.rigs.clocklisten import SourceBeats
+
+    period = 60 / (PPQN * 100)
+    jitter = np.random.default_rng(0).uniform(0, 0.0005, 400)
+    heard = [(0.0, [0xFA])] + [(0.001 + k * period + jitter[k], [0xF8]) for k in range(400) if k not in (50, 51, 200)]
+    source = SourceBeats.from_heard(heard, bpm=100)
+    assert source.missing == 3
+    assert C.follower_on_the_listeners_stamps(heard, source) == (397, 0, 0)
+    # Ticks 0 and 1 lost right after the Start: the follower takes the next tick as tick 0 (the MIDI
+    # spec), the listener counts the time since the Start. The replay says the run began otherwise.
+    heard_late_start = [(0.0, [0xFA])] + heard[3:]
+    source = SourceBeats.from_heard(heard_late_start, bpm=100)
+    assert C.follower_on_the_listeners_stamps(heard_late_start, source) == (395, 395, 1)

@@ -38,7 +38,7 @@ import numpy as np
 
 from antiphon.daemon.context import LOST_NOTE_OFF
 from antiphon.daemon.jam import read_trace_beats
-from antiphon.daemon.midiclock import CONTINUE, LOST_MIN_S, START, STOP
+from antiphon.daemon.midiclock import CONTINUE, LOST_MIN_S, START, STOP, ClockFollower
 from antiphon.daemon.rigs import jackserver
 from antiphon.daemon.rigs.clocklisten import BPM, SourceBeats, Tap
 from antiphon.daemon.rigs.jackprobe import Probe
@@ -96,6 +96,10 @@ class Session:
     markers: list[str] = field(default_factory=list)  # the markers of antiphon's --record file, in order
     relay_silences: list[tuple[float, float]] = field(default_factory=list)  # see Answer.clock_gone
     relay_said: str = ""  # the relay's stderr, and whether it had died
+    # antiphon's ClockFollower fed the listener's own stamps: (ticks compared, ticks it counted
+    # differently from the listener, runs it began on another count). Same stamps, so what differs
+    # is how the two count, not what JACK delivered to each.
+    replayed: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def all_answered(self) -> bool:
@@ -215,6 +219,7 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
             a.clock_gone = any(gone_while(gap, t_off, a.due if a.due is not None else t_off + 2.0)
                                for gap in s.relay_silences)
             a.judged = a.judged and not a.clock_gone
+    s.replayed = follower_on_the_listeners_stamps(ref.heard, source)
     theirs = s.antiphon_transport
     if s.transport != theirs:
         split = next((i for i, (a, b) in enumerate(zip(s.transport, theirs)) if a != b),
@@ -231,6 +236,28 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
         for a, t_off in zip(answers, offs):
             a.judged = t_off < since
     return s
+
+
+def follower_on_the_listeners_stamps(heard: list[tuple[float, list[int]]],
+                                     source: SourceBeats) -> tuple[int, int, int]:
+    """antiphon's follower, fed what the listener heard, against the listener's count: tick by
+    tick, the song position the follower gave the tick (its anchor once counted) minus the one the
+    listener's count gives it. See Session.replayed."""
+    follower = ClockFollower()
+    counted: dict[float, int] = {}
+    for t, m in heard:
+        follower.feed(m, t)
+        if m[0] == 0xF8 and follower.state.locked and follower.state.last_tick == t:
+            counted[t] = follower.state.anchor_tick
+    compared = apart = runs_apart = 0
+    for run in source.runs:
+        if run.first is None:
+            continue
+        d = [counted[t] - (run.first + int(i)) for i, t in zip(run.idx, run.t) if t in counted]
+        compared += len(d)
+        apart += sum(1 for x in d if x != 0)
+        runs_apart += bool(d) and d[0] != 0
+    return compared, apart, runs_apart
 
 
 # After a silence the follower refits its line on fresh ticks: as long as the session waits for one.
@@ -289,6 +316,10 @@ def summary(sessions: list[Session]) -> dict[str, Any]:
         "sent_vs_beat_ms": {"p50": q(sent, 50), "p90": q(sent, 90), "max": q(sent, 100)},
         "heard_vs_beat_ms": {"p50": q(heard, 50), "p90": q(heard, 90), "max": q(heard, 100)},
         "ticks_missed_by_listener": sum(s.source.missing for s in sessions),
+        "follower_on_the_listeners_stamps": {
+            "ticks": sum(s.replayed[0] for s in sessions), "counted_otherwise": sum(s.replayed[1] for s in sessions),
+            "runs_begun_otherwise": sum(s.replayed[2] for s in sessions),
+            "sessions_with_any": sum(1 for s in sessions if s.replayed[1])},
     }
 
 
