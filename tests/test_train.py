@@ -257,3 +257,17 @@ def test_shipping_appends_the_run_to_the_shipped_models_lineage(tmp_path, monkey
     # Shipping the same run again replaces its stage instead of adding one.
     record.write_text(json.dumps({"lineage": got}))
     assert [s["run_id"] for s in ship.lineage(meta, "again", "")["stages"]] == ["a", "b", "c"]
+
+
+def test_heldout_scores_every_token_once_in_side_by_side_windows():
+    from antiphon.daemon.config import ModelConfig
+    from antiphon.models.gpt import GPT
+    from antiphon.models.heldout import split_nll
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, context=16, vocab_size=V.VOCAB_SIZE)).eval()
+    tokens = np.random.default_rng(0).integers(V.PAD + 1, 100, 40)  # no padding; windows 0-16, 16-32, 32-39 (a short last one)
+    with torch.no_grad():
+        nll = [torch.nn.functional.cross_entropy(model(torch.from_numpy(w[None, :-1]))[0][0], torch.from_numpy(w[1:]),
+                                                 reduction="sum") for w in (tokens[0:17], tokens[16:33], tokens[32:40])]
+    assert split_nll(model, tokens, 16, batch=2) == pytest.approx(float(sum(nll)) / 39, rel=1e-5)
