@@ -137,7 +137,7 @@ def test_rebuild_of_the_shipped_model_reproduces_its_logits():
     path = ASSETS / "default.onnx"
     said = []
     model, _, meta = rebuild_and_verify(path, log=said.append, greedy_steps=64)
-    assert "max |dlogit|" in said[0]  # export.verify's fp32 check: logits within 1e-4, greedy identical
+    assert "max |dlogit|" in said[0]  # export.verify's fp32 check: logits within 5e-3 (kernel rounding), greedy identical
     tokens = codec.encode_file(SATIE)[:300]
     with torch.no_grad():
         ours = model(torch.tensor([tokens]))[0][0].numpy()
