@@ -37,10 +37,12 @@ from antiphon.daemon import vocab as V
 # as it still predicts the music better; the notes memory's weight and half order are the NLL-best
 # at that top weight. The constants chosen for the previous, weaker model (weight 1.0, half order
 # 1.0, top voice 1.5) raised the new model's streamed NLL above no memory (valid_score 1.017 ->
-# 1.056); these give 1.002 (the NLL-best setting, top voice 0.25, gives 0.951 but took motif echo
-# on training-split performances from 1.12 to 0.32 of the pianists').
+# 1.056); these gave 1.002 (the NLL-best setting, top voice 0.25, gives 0.951 but took motif echo
+# on training-split performances from 1.12 to 0.32 of the pianists'). The same rule for the model
+# shipped that evening (stage 4): top voice 1.25 now raised valid_score's streamed NLL (0.894 ->
+# 0.905); 1.0 with the notes memory at 0.75 gives 0.882.
 MAX_ORDER = 6
-WEIGHT = 1.0  # mixing weight of the memory at a long match, before the player's --memory scale
+WEIGHT = 0.75  # mixing weight of the memory at a long match, before the player's --memory scale
 HALF_ORDER = 4.0  # the match length at which the weight is half of WEIGHT
 MAX_CONTEXTS = 16384
 VIEWPOINT = "interval"
@@ -48,7 +50,7 @@ FLOOR = 1e-3  # added to the memory's proposal: an unproposed pitch is discourag
 # The top-voice memory: the melody's steps between cluster tops (see the module's doc); weight 1.5
 # until 2026-12-02, chosen for motif echo alone with the previous model.
 TOP_ORDER = 4
-TOP_WEIGHT = 1.25
+TOP_WEIGHT = 1.0
 TOP_HALF_ORDER = 1.0  # its own: the notes memory's half order is fitted apart from it
 TOP_BAND = 12  # semitones either side of the tune's last note where its next note is looked for
 CLUSTER_STEPS = 3  # note-ons within 30 ms of a cluster's first are one cluster (a chord)

@@ -267,7 +267,8 @@ def main(args) -> int:
                              "nll_with_memory": SE.nll(streamed, *SE.shipped_constants()),
                              "memory_constants": dict(zip(("variant", "weight", "half_order", "top_weight"),
                                                           SE.shipped_constants())),
-                             "best_constants_on_this_set": fitted}
+                             "best_constants_on_this_set": fitted,
+                             "constants_by_the_shipping_rule": SE.rule(streamed)}
     if args.phrases > 0:
         log(f"generating responses to up to {args.phrases} phrases")
         steers = Steers.of(args)

@@ -121,6 +121,22 @@ def shipped_constants() -> tuple[tuple[str, int], float, float, float]:
     return (MEM.VIEWPOINT, MEM.MAX_ORDER), MEM.WEIGHT, MEM.HALF_ORDER, MEM.TOP_WEIGHT
 
 
+def rule(s: dict, variant: tuple[str, int] = (MEM.VIEWPOINT, MEM.MAX_ORDER)) -> dict:
+    """How the shipped constants are chosen (docs/model.md), on `valid_score`: at each top-voice
+    weight the NLL-best notes memory; the largest top-voice weight whose NLL is still below the
+    model alone (as much pull toward the player's tune as still predicts the music better)."""
+    without = nll(s)
+    rows = {}
+    for top in TOP_WEIGHTS:
+        w, h = min(itertools.product(WEIGHTS, HALF_ORDERS), key=lambda c: nll(s, variant, c[0], c[1], top))
+        rows[top] = {"weight": w, "half_order": h, "nll": nll(s, variant, w, h, top)}
+    below = [top for top, r in rows.items() if r["nll"] < without]
+    chosen = max(below) if below else 0.0
+    return {"variant": list(variant), "nll_without": without, "by_top_weight": {str(k): v for k, v in rows.items()},
+            "top_weight": chosen, **({k: rows[chosen][k] for k in ("weight", "half_order")} if below
+                                     else {"weight": 0.0, "half_order": HALF_ORDERS[0]})}
+
+
 def fit(s: dict) -> dict:
     """The memory variant and mixing constants with the lowest streamed NLL on this set, and the
     best of each variant (to compare viewpoints and orders)."""

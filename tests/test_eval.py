@@ -113,6 +113,11 @@ def test_streamed_session_memory_pays_off_when_the_player_repeats(tiny_model):
     assert SE.nll(s, *SE.shipped_constants()) < SE.nll(s) - 0.05
     best = SE.fit(s)
     assert best["nll"] <= SE.nll(s, *SE.shipped_constants()) and best["nll_without"] == SE.nll(s)
+    # The shipping rule: the largest top-voice weight still below the model alone, none above it.
+    chosen = SE.rule(s)
+    rows = chosen["by_top_weight"]
+    assert rows[str(chosen["top_weight"])]["nll"] < SE.nll(s)
+    assert all(r["nll"] >= SE.nll(s) for top, r in rows.items() if float(top) > chosen["top_weight"])
 
 
 def test_sliding_window_scores_every_token_once(tiny_model):
