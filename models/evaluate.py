@@ -262,13 +262,14 @@ def main(args) -> int:
     if args.session:
         log("streaming each file through the model as a jam session hears it")
         streamed = SE.stream(lm, docs)
-        fitted = SE.fit(streamed)
+        searched = SE.grids(streamed)
+        fitted = SE.fit(streamed, searched)
         result["session"] = {"nll_without_memory": SE.nll(streamed),
                              "nll_with_memory": SE.nll(streamed, *SE.shipped_constants()),
                              "memory_constants": dict(zip(("variant", "weight", "half_order", "top_weight"),
                                                           SE.shipped_constants())),
                              "best_constants_on_this_set": fitted,
-                             "constants_by_the_shipping_rule": SE.rule(streamed)}
+                             "constants_by_the_shipping_rule": SE.rule(streamed, searched[SE.shipped_constants()[0]])}
     if args.phrases > 0:
         log(f"generating responses to up to {args.phrases} phrases")
         steers = Steers.of(args)

@@ -121,15 +121,27 @@ def shipped_constants() -> tuple[tuple[str, int], float, float, float]:
     return (MEM.VIEWPOINT, MEM.MAX_ORDER), MEM.WEIGHT, MEM.HALF_ORDER, MEM.TOP_WEIGHT
 
 
-def rule(s: dict, variant: tuple[str, int] = (MEM.VIEWPOINT, MEM.MAX_ORDER)) -> dict:
+Grid = dict[tuple[float, float, float], float]
+
+
+def grids(s: dict) -> dict[tuple[str, int], Grid]:
+    """Per memory variant, the streamed NLL at every (weight, half order, top-voice weight) on the
+    search grid: computed once, for `fit` and `rule` both (each point costs a pass over the set)."""
+    return {tuple(v): {c: nll(s, v, *c) for c in itertools.product(WEIGHTS, HALF_ORDERS, TOP_WEIGHTS)}
+            for v in s["variants"]}
+
+
+def rule(s: dict, grid: Grid | None = None, variant: tuple[str, int] = (MEM.VIEWPOINT, MEM.MAX_ORDER)) -> dict:
     """How the shipped constants are chosen (docs/model.md), on `valid_score`: at each top-voice
     weight the NLL-best notes memory; the largest top-voice weight whose NLL is still below the
-    model alone (as much pull toward the player's tune as still predicts the music better)."""
+    model alone (as much pull toward the player's tune as still predicts the music better).
+    `grid`: the variant's entry of `grids(s)`, if already computed."""
+    g = grid if grid is not None else grids(s)[tuple(variant)]
     without = nll(s)
     rows = {}
     for top in TOP_WEIGHTS:
-        w, h = min(itertools.product(WEIGHTS, HALF_ORDERS), key=lambda c: nll(s, variant, c[0], c[1], top))
-        rows[top] = {"weight": w, "half_order": h, "nll": nll(s, variant, w, h, top)}
+        w, h, _ = min((c for c in g if c[2] == top), key=g.__getitem__)
+        rows[top] = {"weight": w, "half_order": h, "nll": g[w, h, top]}
     below = [top for top, r in rows.items() if r["nll"] < without]
     chosen = max(below) if below else 0.0
     return {"variant": list(variant), "nll_without": without, "by_top_weight": {str(k): v for k, v in rows.items()},
@@ -137,13 +149,15 @@ def rule(s: dict, variant: tuple[str, int] = (MEM.VIEWPOINT, MEM.MAX_ORDER)) -> 
                                      else {"weight": 0.0, "half_order": HALF_ORDERS[0]})}
 
 
-def fit(s: dict) -> dict:
+def fit(s: dict, by_variant: dict[tuple[str, int], Grid] | None = None) -> dict:
     """The memory variant and mixing constants with the lowest streamed NLL on this set, and the
-    best of each variant (to compare viewpoints and orders)."""
+    best of each variant (to compare viewpoints and orders). `by_variant`: `grids(s)`, if already
+    computed."""
+    by_variant = by_variant if by_variant is not None else grids(s)
     per_variant = {}
-    for v in s["variants"]:
-        c = min(itertools.product(WEIGHTS, HALF_ORDERS, TOP_WEIGHTS), key=lambda c: nll(s, v, *c))
-        per_variant[f"{v[0]}/{v[1]}"] = {"weight": c[0], "half_order": c[1], "top_weight": c[2], "nll": nll(s, v, *c)}
+    for v, g in by_variant.items():
+        c = min(g, key=g.__getitem__)
+        per_variant[f"{v[0]}/{v[1]}"] = {"weight": c[0], "half_order": c[1], "top_weight": c[2], "nll": g[c]}
     name, best = min(per_variant.items(), key=lambda kv: kv[1]["nll"])
     viewpoint, order = name.split("/")
     return {"viewpoint": viewpoint, "max_order": int(order), **{k: best[k] for k in ("weight", "half_order", "top_weight")},
