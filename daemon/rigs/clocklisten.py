@@ -61,7 +61,7 @@ class Tap:
         died = self.proc.poll()
         if died is not None:
             self.said = f"(the tap had exited with {died}) "
-        if self.proc.poll() is None:
+        else:
             try:
                 self.proc.stdin.close()  # type: ignore[union-attr]
                 self.proc.wait(5)
