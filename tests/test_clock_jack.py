@@ -1,7 +1,9 @@
 """antiphon following Debian's jack_midi_clock (an independent MIDI clock, driven by jack_transport
 as a DAW drives it), end to end over a real JACK server. The rig is daemon/rigs/clocksession.py;
 truth is the clock source's own ticks as a separate listener hears them, counted (not placed on a
-nominal grid: without real-time scheduling JACK's dummy driver runs 1-2 % slow) the MIDI way.
+nominal grid: without real-time scheduling JACK's dummy driver runs 1-2 % slow) the MIDI way,
+and the same ticks and antiphon's answers stamped by JACK frame (frametap.py), where no count
+has to guess.
 
 Stated tolerances, for a busy 2-core box with or without real-time scheduling (measured figures:
 docs/clock.md, typically a few ms):
@@ -23,7 +25,7 @@ import numpy as np
 import pytest
 
 from antiphon.daemon.rigs import clocksession as C
-from antiphon.daemon.rigs.clocklisten import PPQN
+from antiphon.daemon.rigs.clocklisten import PPQN, Tap
 from antiphon.daemon.rigs.jackprobe import Probe
 
 TICK_MS = 60_000 / (C.BPM * PPQN)
@@ -92,6 +94,12 @@ def assert_on_the_sources_beats(s: C.Session) -> None:
         # A note-on JACK dropped for the player: when antiphon sent it stands in for when it was heard.
         at = a.heard_ms if a.heard_ms is not None else a.sent_ms
         assert at is not None and -2.5 * TICK_MS <= at <= 75.0, f"phrase {a.phrase} heard off the beat"
+        # The same by JACK frames (frametap.py: no stamps, no counting guesses), where the frame
+        # taps heard the note and every tick before it on the source's grid.
+        if a.frames_heard_ms is not None and a.frames_exact:
+            assert -2.5 * TICK_MS <= a.frames_heard_ms <= 75.0, f"phrase {a.phrase} off the beat by frames"
+    if judged and s.scenario != "rolling":
+        assert any(a.frames_heard_ms is not None for a in judged), "the frame taps heard nothing"
     print(f"{s.scenario}: heard minus the source's beat " + ", ".join(f"{a.heard_ms:.2f} ms" for a in s.answers
                                                                       if a.heard_ms is not None))
 
@@ -174,3 +182,23 @@ def test_the_follower_replayed_on_the_listeners_stamps_counts_as_the_listener_do
     heard_late_start = [(0.0, [0xFA])] + heard[3:]
     source = SourceBeats.from_heard(heard_late_start, bpm=100)
     assert C.follower_on_the_listeners_stamps(heard_late_start, source) == (395, 395, 1)
+
+
+def test_a_frame_tap_count_is_exact_only_while_every_tick_lay_on_the_frame_grid():
+    from antiphon.daemon.rigs.clocklisten import SourceBeats
+
+    frame = 1 / 48000
+    ticks = [k * 1200 * frame for k in range(60) if k != 10]  # tick 10 lost: an exact gap of two periods
+    late = [t - 64 * frame if k >= 40 else t for k, t in enumerate(ticks)]  # from tick 41 a cycle off
+    source = SourceBeats.from_heard([(0.0, [0xFA])] + [(t, [0xF8]) for t in late], bpm=100)
+    assert source.missing == 1 and len(source.runs) == 1
+    assert C.off_grid(source) == 1
+    assert C.off_grid(source, until=late[39]) == 0  # up to there the count is exact
+    a = C.Answer(0, True, traced_beats=1.0)
+    fanswers = Tap.__new__(Tap)  # a tap that heard the note: only what by_frames reads
+    fanswers.heard, fanswers.sync = [(late[23], [0x90, 60, 90]), (late[50], [0x90, 62, 90])], [(0.0, 100.0)]
+    C.by_frames(a, source, fanswers, [0x90, 60, 90], sent=100.0 + late[23] - 0.001, until=100.0 + late[30])
+    assert a.frames_exact and a.frames_beat == pytest.approx(1.0) and abs(a.frames_heard_ms) < 0.01
+    b = C.Answer(1, True, traced_beats=2.0)
+    C.by_frames(b, source, fanswers, [0x90, 62, 90], sent=100.0 + late[50] - 0.001, until=200.0)
+    assert not b.frames_exact  # heard after the tick a cycle off the grid

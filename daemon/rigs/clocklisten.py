@@ -31,9 +31,11 @@ PPQN = 24
 class Tap:
     """A listener (and, with drops, a relay) child: what a clock source's ticks look like at a client."""
 
-    def __init__(self, jack: JackServer, name: str, drops: tuple[int, ...] | None = None) -> None:
+    def __init__(self, jack: JackServer, name: str, drops: tuple[int, ...] | None = None, frames: bool = False) -> None:
+        """frames: stamp by JACK frame (frametap.py), not by rtmidi's delta times; never a relay."""
         self.name, self.heard, self.said = name, [], ""
-        argv = [sys.executable, "-m", "antiphon.daemon.rigs.clocklisten", name]
+        self.sync: list[tuple[float, float]] = []  # a frame tap's (frame clock, perf_counter) pairs
+        argv = [sys.executable, "-m", f"antiphon.daemon.rigs.{'frametap' if frames else 'clocklisten'}", name]
         if drops is not None:
             argv += [str(d) for d in drops] or ["0"]
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed with the tap
@@ -42,7 +44,9 @@ class Tap:
         ready, _, _ = select.select([self.proc.stdout], [], [], 20)
         if not ready or self.proc.stdout.readline().strip() != "R":  # type: ignore[union-attr]
             self.proc.kill()
-            raise RuntimeError(f"clock tap {name} did not start")
+            self.proc.wait(5)
+            self._log.seek(0)
+            raise RuntimeError(f"clock tap {name} did not start: {self._log.read()[-1000:]!r}")
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         jack.wait_ports(self.in_port, *([self.out_port] if drops is not None else []))
@@ -55,6 +59,16 @@ class Tap:
             tag, t, *data = line.split()
             if tag == "H":
                 self.heard.append((float(t), [int(b) for b in data]))
+            elif tag == "S":
+                self.sync.append((float(t), float(data[0])))
+
+    def on_perf_counter(self, t: float) -> float:
+        """A frame tap's time t on perf_counter, by the median offset of the syncs within 2 s (the
+        frame clock may run slow), to within a JACK period or two: enough to find an event, never
+        to measure one."""
+        nearest = min(self.sync, key=lambda s: abs(s[0] - t))
+        near = [p - f for f, p in self.sync if abs(f - t) < 2.0] or [nearest[1] - nearest[0]]
+        return t + float(np.median(near))
 
     def close(self) -> None:
         """Ends the child; what it said on stderr stays in `said` (a relay that fell silent)."""
@@ -206,12 +220,12 @@ class SourceBeats:
         """The runs as (song position of the first tick, last index, period ms), for a report."""
         return str([(r.first, int(r.idx[-1]), round(1000 * r.period, 3)) for r in self.runs])
 
-    def _run_at(self, t: float) -> TickRun | None:
+    def run_at(self, t: float) -> TickRun | None:
         """The run of ticks playing at time t (song positions repeat after a Start: time decides)."""
         return next((run for run in reversed(self.runs) if run.covers(t)), None)
 
     def beat_at(self, t: float) -> float | None:
-        run = self._run_at(t)
+        run = self.run_at(t)
         if run is None or run.first is None:
             return None
         period, t0 = run.local_line(run.idx[np.argmin(np.abs(run.t - t))])
@@ -219,7 +233,7 @@ class SourceBeats:
 
     def time_of(self, beat: float, near: float) -> float | None:
         """When the source played song position `beat` in the run playing at time `near`."""
-        run = self._run_at(near)
+        run = self.run_at(near)
         if run is None or run.first is None:
             return None
         index = beat * PPQN - run.first

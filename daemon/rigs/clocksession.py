@@ -40,7 +40,7 @@ from antiphon.daemon.context import LOST_NOTE_OFF
 from antiphon.daemon.jam import read_trace_beats
 from antiphon.daemon.midiclock import CONTINUE, LOST_MIN_S, START, STOP, ClockFollower
 from antiphon.daemon.rigs import jackserver
-from antiphon.daemon.rigs.clocklisten import BPM, SourceBeats, Tap
+from antiphon.daemon.rigs.clocklisten import BPM, PPQN, SourceBeats, Tap
 from antiphon.daemon.rigs.jackprobe import Probe
 from antiphon.daemon.rigs.jackserver import JackServer, jam_log, orphan_safe, terminate
 from antiphon.daemon.studio import TRANSPORT_MARKERS
@@ -82,6 +82,14 @@ class Answer:
     # heard) for longer than antiphon waits before it takes the clock as gone (CI: 1.1 s, and never
     # again): free time is then right.
     clock_gone: bool = False
+    # By the frame taps (frametap.py): the source's song position when the player's side heard the
+    # first note, and heard minus the source's time of the traced beat; exact to a JACK period.
+    frames_beat: float | None = None
+    frames_heard_ms: float | None = None
+    # Every tick the frame tap heard in this run, up to the note, lay on the source's frame grid: its
+    # count is then exact. (A tap that runs a cycle late reads the next cycle's events as its own:
+    # whole cycles off the grid, and from there the count is a guess, as the listener's is.)
+    frames_exact: bool = False
 
 
 @dataclass
@@ -100,6 +108,14 @@ class Session:
     # differently from the listener, runs it began on another count). Same stamps, so what differs
     # is how the two count, not what JACK delivered to each.
     replayed: tuple[int, int, int] = (0, 0, 0)
+    frames: SourceBeats | None = None  # the source's ticks as the frame tap heard them
+    raw: dict[str, Any] = field(default_factory=dict)  # what each tap heard, for --keep
+
+    @property
+    def truths_disagree(self) -> bool:
+        """The listener's count and the frame tap's differ by a tick or more at some answer."""
+        return any(a.source_beat is not None and a.frames_beat is not None
+                   and round(PPQN * (a.source_beat - a.frames_beat)) != 0 for a in self.answers)
 
     @property
     def all_answered(self) -> bool:
@@ -138,11 +154,14 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
     relay = Tap(jack, f"{name}-relay", RELAY_DROPS) if scenario == "relay" else None
     # What the relay really sent antiphon: it hears its input whether or not its output still works.
     relayed = Tap(jack, f"{name}-relayed") if relay is not None else None
+    # The exact truth: the clock and antiphon's answers stamped by JACK frame (frametap.py).
+    fclock, fanswers = Tap(jack, f"{name}-fclock", frames=True), Tap(jack, f"{name}-fanswers", frames=True)
     clock_src: subprocess.Popen | None = None
     offs: list[float] = []
     try:
         player.connect(f"{name}:in", f"{name}-out:out")
-        targets = [ref.in_port, relay.in_port if relay else f"{name}:in"]
+        targets = [ref.in_port, fclock.in_port, relay.in_port if relay else f"{name}:in"]
+        jack.connect(f"{name}-out:out", fanswers.in_port)
         if relay is not None and relayed is not None:
             jack.connect(relay.out_port, f"{name}:in")
             jack.connect(relay.out_port, relayed.in_port)
@@ -185,10 +204,11 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
         log = stop_jam(jam)
         player.close()
         ref.close()
-        for tap in (relay, relayed):
+        for tap in (relay, relayed, fclock, fanswers):
             if tap is not None:
                 tap.close()
     source = SourceBeats.from_heard(ref.heard)
+    frames = SourceBeats.from_heard(fclock.heard)
     rows = read_trace_beats(trace) if trace.exists() else []
     answers = []
     for k, t_off in enumerate(offs):
@@ -206,6 +226,7 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
         if src_t is not None:
             a.sent_ms = 1000 * (sent - src_t)
             a.heard_ms = 1000 * (heard[0] - src_t) if heard else None
+        by_frames(a, frames, fanswers, msg, sent, until)
         answers.append(a)
     dropped = sum(1 for d in RELAY_DROPS if d <= source.ticks) if relay else 0
     moves = [(t, TRANSPORT_LETTERS[m[0]]) for t, m in ref.heard if m[0] in TRANSPORT_LETTERS]
@@ -220,6 +241,9 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
                                for gap in s.relay_silences)
             a.judged = a.judged and not a.clock_gone
     s.replayed = follower_on_the_listeners_stamps(ref.heard, source)
+    s.frames = frames
+    s.raw = {"ref": ref.heard, "fclock": fclock.heard, "fanswers": fanswers.heard, "fanswers_sync": fanswers.sync,
+             "player": player.since(-math.inf), "trace": [list(r) for r in rows]}
     theirs = s.antiphon_transport
     if s.transport != theirs:
         split = next((i for i, (a, b) in enumerate(zip(s.transport, theirs)) if a != b),
@@ -236,6 +260,31 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
         for a, t_off in zip(answers, offs):
             a.judged = t_off < since
     return s
+
+
+def by_frames(a: Answer, frames: SourceBeats, fanswers: Tap, msg: list[int], sent: float, until: float) -> None:
+    """The answer's first note as the frame tap on antiphon's output heard it, against the source's
+    ticks as the frame tap on the clock heard them (Answer.frames_*)."""
+    if a.traced_beats is None or not fanswers.sync:
+        return
+    heard = sorted((abs(fanswers.on_perf_counter(t) - sent), t) for t, m in fanswers.heard
+                   if m[:2] == msg[:2] and m[2] > 0 and sent - 0.05 < fanswers.on_perf_counter(t) < until)
+    if not heard:
+        return
+    heard = [heard[0][1]]  # the note nearest to when antiphon sent it
+    a.frames_beat = frames.beat_at(heard[0])
+    run = frames.run_at(heard[0])
+    a.frames_exact = run is not None and off_grid(SourceBeats([run]), until=heard[0]) == 0
+    beat_t = frames.time_of(round(a.traced_beats), near=heard[0])
+    a.frames_heard_ms = None if beat_t is None else 1000 * (heard[0] - beat_t)
+
+
+def off_grid(frames: SourceBeats, rate: float = 48000.0, until: float = math.inf) -> int:
+    """Tick intervals, by frame, that are not a whole number of the source's periods (1,200 frames
+    at 100 bpm), among the ticks heard up to `until`: deliveries whole JACK cycles off (docs/clock.md)."""
+    period = rate * 60.0 / (BPM * PPQN)
+    iv = np.concatenate([np.diff(r.t[r.t <= until]) * rate for r in frames.runs]) if frames.runs else np.zeros(0)
+    return int(np.sum(np.abs(iv / period - np.round(iv / period)) * period > 1.5))
 
 
 def follower_on_the_listeners_stamps(heard: list[tuple[float, list[int]]],
@@ -299,6 +348,13 @@ def summary(sessions: list[Session]) -> dict[str, Any]:
     on_beat = [a for a in judged if a.traced_beats is not None and a.source_beat is not None
                and abs(a.traced_beats - round(a.traced_beats)) < 0.02 and abs(a.source_beat - round(a.traced_beats)) < 0.03]
     heard = sorted(abs(a.heard_ms) for a in judged if a.heard_ms is not None)
+    # Not the rolling scenario: with no Start each client counts from the first tick it heard.
+    by_frames = [a for s in sessions if s.scenario != "rolling" for a in s.answers if a.answered and a.judged
+                 and a.frames_beat is not None and a.frames_heard_ms is not None and a.frames_exact]
+    on_frames = [a for a in by_frames if abs(a.frames_beat - round(a.traced_beats)) < 0.03]
+    heard_frames = sorted(abs(a.frames_heard_ms) for a in by_frames)
+    listener_otherwise = [a for a in by_frames if a.source_beat is not None
+                          and round(PPQN * (a.source_beat - a.frames_beat)) != 0]
     sent = sorted(abs(a.sent_ms) for a in judged if a.sent_ms is not None)
 
     def q(xs: list[float], p: float) -> float:
@@ -316,6 +372,12 @@ def summary(sessions: list[Session]) -> dict[str, Any]:
         "sent_vs_beat_ms": {"p50": q(sent, 50), "p90": q(sent, 90), "max": q(sent, 100)},
         "heard_vs_beat_ms": {"p50": q(heard, 50), "p90": q(heard, 90), "max": q(heard, 100)},
         "ticks_missed_by_listener": sum(s.source.missing for s in sessions),
+        "by_frames": {"judged_where_exact": len(by_frames), "answers_on_a_source_beat": len(on_frames),
+                      "heard_vs_beat_ms": {"p50": q(heard_frames, 50), "p90": q(heard_frames, 90),
+                                           "max": q(heard_frames, 100)},
+                      "listener_counted_otherwise": len(listener_otherwise),
+                      "ticks_missed_by_frame_tap": sum(s.frames.missing for s in sessions if s.frames),
+                      "tick_intervals_off_the_frame_grid": sum(off_grid(s.frames) for s in sessions if s.frames)},
         "follower_on_the_listeners_stamps": {
             "ticks": sum(s.replayed[0] for s in sessions), "counted_otherwise": sum(s.replayed[1] for s in sessions),
             "runs_begun_otherwise": sum(s.replayed[2] for s in sessions),
@@ -331,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phrases", type=int, default=5, help="phrases per session")
     p.add_argument("--model", default="", help="ONNX model (default: the shipped model)")
     p.add_argument("--json", action="store_true", help="also print every answer as JSON lines")
+    p.add_argument("--keep", default="", help="write what every tap heard, as JSON, for each session where "
+                                               "the listener's count and the frame tap's disagree, to this folder")
     args = p.parse_args(argv)
     sessions = []
     with JackServer() as jack, tempfile.TemporaryDirectory() as tmp:
@@ -344,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"session {i + 1} {scenario}: {shown}", flush=True)
             if args.json:
                 print(json.dumps([a.__dict__ for a in s.answers]), flush=True)
+            if args.keep and s.truths_disagree:
+                Path(args.keep).mkdir(parents=True, exist_ok=True)
+                kept = Path(args.keep) / f"session-{i + 1}-{scenario}.json"
+                kept.write_text(json.dumps({"answers": [a.__dict__ for a in s.answers], **s.raw}))
+                print(f"  the listener's count and the frame tap's disagree: {kept}", flush=True)
             if not s.all_answered:
                 print(f"  transport heard {s.transport!r}; source runs (first, last index, period ms) "
                       f"{s.source.describe()}",
