@@ -31,11 +31,9 @@ PPQN = 24
 class Tap:
     """A listener (and, with drops, a relay) child: what a clock source's ticks look like at a client."""
 
-    def __init__(self, jack: JackServer, name: str, drops: tuple[int, ...] | None = None, frames: bool = False) -> None:
-        """frames: stamp by JACK frame (frametap.py), not by rtmidi's delta times; never a relay."""
+    def __init__(self, jack: JackServer, name: str, drops: tuple[int, ...] | None = None) -> None:
         self.name, self.heard, self.said = name, [], ""
-        self.sync: list[tuple[float, float]] = []  # a frame tap's (frame clock, perf_counter) pairs
-        argv = [sys.executable, "-m", f"antiphon.daemon.rigs.{'frametap' if frames else 'clocklisten'}", name]
+        argv = [sys.executable, "-m", "antiphon.daemon.rigs.clocklisten", name]
         if drops is not None:
             argv += [str(d) for d in drops] or ["0"]
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed with the tap
@@ -59,16 +57,6 @@ class Tap:
             tag, t, *data = line.split()
             if tag == "H":
                 self.heard.append((float(t), [int(b) for b in data]))
-            elif tag == "S":
-                self.sync.append((float(t), float(data[0])))
-
-    def on_perf_counter(self, t: float) -> float:
-        """A frame tap's time t on perf_counter, by the median offset of the syncs within 2 s (the
-        frame clock may run slow), to within a JACK period or two: enough to find an event, never
-        to measure one."""
-        nearest = min(self.sync, key=lambda s: abs(s[0] - t))
-        near = [p - f for f, p in self.sync if abs(f - t) < 2.0] or [nearest[1] - nearest[0]]
-        return t + float(np.median(near))
 
     def close(self) -> None:
         """Ends the child; what it said on stderr stays in `said` (a relay that fell silent)."""

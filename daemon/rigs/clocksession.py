@@ -41,6 +41,7 @@ from antiphon.daemon.jam import read_trace_beats
 from antiphon.daemon.midiclock import CONTINUE, LOST_MIN_S, START, STOP, ClockFollower
 from antiphon.daemon.rigs import jackserver
 from antiphon.daemon.rigs.clocklisten import BPM, PPQN, SourceBeats, Tap
+from antiphon.daemon.rigs.framedump import FrameDump
 from antiphon.daemon.rigs.jackprobe import Probe
 from antiphon.daemon.rigs.jackserver import JackServer, jam_log, orphan_safe, terminate
 from antiphon.daemon.studio import TRANSPORT_MARKERS
@@ -82,7 +83,7 @@ class Answer:
     # heard) for longer than antiphon waits before it takes the clock as gone (CI: 1.1 s, and never
     # again): free time is then right.
     clock_gone: bool = False
-    # By the frame taps (frametap.py): the source's song position when the player's side heard the
+    # By JACK frame (framedump.py): the source's song position when the first note was written, and
     # first note, and heard minus the source's time of the traced beat; exact to a JACK period.
     frames_beat: float | None = None
     frames_heard_ms: float | None = None
@@ -154,14 +155,17 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
     relay = Tap(jack, f"{name}-relay", RELAY_DROPS) if scenario == "relay" else None
     # What the relay really sent antiphon: it hears its input whether or not its output still works.
     relayed = Tap(jack, f"{name}-relayed") if relay is not None else None
-    # The exact truth: the clock and antiphon's answers stamped by JACK frame (frametap.py).
-    fclock, fanswers = Tap(jack, f"{name}-fclock", frames=True), Tap(jack, f"{name}-fanswers", frames=True)
+    # The exact truth: the clock and antiphon's answers on one port, stamped by JACK frame. Only with
+    # real-time scheduling: without it, under two CPU hogs, one client more tipped a graph that just
+    # held (the listener lost 28-45 ticks a session and its count failed the test).
+    dump = FrameDump(jack, f"{name}-frames") if jack.realtime else None
     clock_src: subprocess.Popen | None = None
     offs: list[float] = []
     try:
         player.connect(f"{name}:in", f"{name}-out:out")
-        targets = [ref.in_port, fclock.in_port, relay.in_port if relay else f"{name}:in"]
-        jack.connect(f"{name}-out:out", fanswers.in_port)
+        targets = [ref.in_port, *([dump.in_port] if dump else []), relay.in_port if relay else f"{name}:in"]
+        if dump is not None:
+            jack.connect(f"{name}-out:out", dump.in_port)
         if relay is not None and relayed is not None:
             jack.connect(relay.out_port, f"{name}:in")
             jack.connect(relay.out_port, relayed.in_port)
@@ -204,11 +208,15 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
         log = stop_jam(jam)
         player.close()
         ref.close()
-        for tap in (relay, relayed, fclock, fanswers):
+        if dump is not None:
+            dump.close()
+        for tap in (relay, relayed):
             if tap is not None:
                 tap.close()
     source = SourceBeats.from_heard(ref.heard)
-    frames = SourceBeats.from_heard(fclock.heard)
+    dumped = dump.heard if dump is not None else []
+    frames = SourceBeats.from_heard([(t, m) for t, m in dumped if m[0] >= 0xF0])
+    firsts = []  # (answer, its first note-on) of the answered phrases
     rows = read_trace_beats(trace) if trace.exists() else []
     answers = []
     for k, t_off in enumerate(offs):
@@ -226,8 +234,13 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
         if src_t is not None:
             a.sent_ms = 1000 * (sent - src_t)
             a.heard_ms = 1000 * (heard[0] - src_t) if heard else None
-        by_frames(a, frames, fanswers, msg, sent, until)
+        firsts.append((a, msg))
         answers.append(a)
+    onsets = answer_onsets([(t, m) for t, m in dumped if m[0] & 0xF0 == 0x90 and len(m) > 2 and m[2] > 0])
+    if len(onsets) == len(firsts):  # else an answer's notes were all lost for the dump: no matching by order
+        for (a, msg), (t, m) in zip(firsts, onsets):
+            if m[:2] == msg[:2]:  # not a later note of the answer, its first one lost
+                by_frames(a, frames, t)
     dropped = sum(1 for d in RELAY_DROPS if d <= source.ticks) if relay else 0
     moves = [(t, TRANSPORT_LETTERS[m[0]]) for t, m in ref.heard if m[0] in TRANSPORT_LETTERS]
     s = Session(scenario, answers, log, source, dropped, "".join(letter for _, letter in moves), workdir,
@@ -241,8 +254,8 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
                                for gap in s.relay_silences)
             a.judged = a.judged and not a.clock_gone
     s.replayed = follower_on_the_listeners_stamps(ref.heard, source)
-    s.frames = frames
-    s.raw = {"ref": ref.heard, "fclock": fclock.heard, "fanswers": fanswers.heard, "fanswers_sync": fanswers.sync,
+    s.frames = frames if dump is not None else None
+    s.raw = {"ref": ref.heard, "frames": dumped,
              "player": player.since(-math.inf), "trace": [list(r) for r in rows]}
     theirs = s.antiphon_transport
     if s.transport != theirs:
@@ -262,21 +275,21 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
     return s
 
 
-def by_frames(a: Answer, frames: SourceBeats, fanswers: Tap, msg: list[int], sent: float, until: float) -> None:
-    """The answer's first note as the frame tap on antiphon's output heard it, against the source's
-    ticks as the frame tap on the clock heard them (Answer.frames_*)."""
-    if a.traced_beats is None or not fanswers.sync:
+def answer_onsets(note_ons: list[tuple[float, list[int]]], gap_s: float = 1.0) -> list[tuple[float, list[int]]]:
+    """The first note-on of each answer: answers are over 1 s apart (PHRASE_GAP_S), their notes not."""
+    return [(t, m) for i, (t, m) in enumerate(note_ons) if i == 0 or t - note_ons[i - 1][0] > gap_s]
+
+
+def by_frames(a: Answer, frames: SourceBeats, heard: float) -> None:
+    """The answer's first note, written at frame time `heard`, against the source's ticks by
+    frame (Answer.frames_*)."""
+    if a.traced_beats is None:
         return
-    heard = sorted((abs(fanswers.on_perf_counter(t) - sent), t) for t, m in fanswers.heard
-                   if m[:2] == msg[:2] and m[2] > 0 and sent - 0.05 < fanswers.on_perf_counter(t) < until)
-    if not heard:
-        return
-    heard = [heard[0][1]]  # the note nearest to when antiphon sent it
-    a.frames_beat = frames.beat_at(heard[0])
-    run = frames.run_at(heard[0])
-    a.frames_exact = run is not None and off_grid(SourceBeats([run]), until=heard[0]) == 0
-    beat_t = frames.time_of(round(a.traced_beats), near=heard[0])
-    a.frames_heard_ms = None if beat_t is None else 1000 * (heard[0] - beat_t)
+    a.frames_beat = frames.beat_at(heard)
+    run = frames.run_at(heard)
+    a.frames_exact = run is not None and off_grid(SourceBeats([run]), until=heard) == 0
+    beat_t = frames.time_of(round(a.traced_beats), near=heard)
+    a.frames_heard_ms = None if beat_t is None else 1000 * (heard - beat_t)
 
 
 def off_grid(frames: SourceBeats, rate: float = 48000.0, until: float = math.inf) -> int:
