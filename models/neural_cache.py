@@ -73,21 +73,14 @@ def mixed_nll(logp: np.ndarray, pc: np.ndarray, lam: float) -> float:
 
 def memory_logp(engine, docs: list[np.ndarray]) -> np.ndarray:
     """Per token: log p with the shipped session memory mixed as jam mixes it (session_eval)."""
-    from antiphon.daemon import memory as MEM
     from antiphon.daemon import vocab as V
     from antiphon.models import session_eval as SE
 
-    variant, weight, half, top = SE.shipped_constants()
-    s = SE.stream(engine, [d.tolist() for d in docs], variants=[variant])
-    k = np.maximum(s["match"][:, 0], 0.0)
-    w = np.where(k >= 1, weight * k / (k + half), 0.0)[:, None]
-    mixed = s["pitch_logp"].astype(np.float64) + w * np.log(s["mem_p"][:, 0].astype(np.float64) + MEM.FLOOR)
-    mixed = SE.log_softmax(SE._mix_top(mixed, s["top_add"].astype(np.float64) * top))
-    rows = np.arange(s["target"].size)
+    constants = SE.shipped_constants()
+    s = SE.stream(engine, [d.tolist() for d in docs], variants=[constants[0]])
     out = s["logp"].astype(np.float64)
     ys = np.concatenate([d[1:] for d in docs])
-    on = (ys >= V.NOTE_ON) & (ys < V.NOTE_OFF)
-    out[on] += mixed[rows, s["target"]] - s["pitch_logp"][rows, s["target"]]
+    out[(ys >= V.NOTE_ON) & (ys < V.NOTE_OFF)] += SE.note_on_gain(s, *constants)
     return out
 
 

@@ -87,6 +87,12 @@ def nll(s: dict, variant: tuple[str, int] | None = None, weight: float = 0.0, ha
     total = -s["logp"].sum()
     if variant is None or (weight <= 0.0 and top_weight <= 0.0) or s["target"].size == 0:
         return float(total / s["logp"].size)
+    return float((total - note_on_gain(s, variant, weight, half_order, top_weight).sum()) / s["logp"].size)
+
+
+def note_on_gain(s: dict, variant: tuple[str, int], weight: float, half_order: float, top_weight: float) -> np.ndarray:
+    """Per note-on, in stream order: log p of the played pitch with the memory mixed in as `nll`
+    describes, minus the model's alone."""
     j = s["variants"].index(tuple(variant))
     k = np.maximum(s["match"][:, j], 0.0)
     w = np.where(k >= 1, weight * k / (k + half_order), 0.0)[:, None]
@@ -96,8 +102,7 @@ def nll(s: dict, variant: tuple[str, int] | None = None, weight: float = 0.0, ha
     mixed -= mixed.max(axis=1, keepdims=True)
     mixed -= np.log(np.exp(mixed).sum(axis=1, keepdims=True))
     rows = np.arange(s["target"].size)
-    delta = -(mixed[rows, s["target"]] - s["pitch_logp"][rows, s["target"]]).sum()
-    return float((total + delta) / s["logp"].size)
+    return mixed[rows, s["target"]] - s["pitch_logp"][rows, s["target"]]
 
 
 def _mix_top(mixed: np.ndarray, add: np.ndarray) -> np.ndarray:
