@@ -26,7 +26,7 @@ import pytest
 
 from antiphon.daemon.rigs import clocksession as C
 from antiphon.daemon.rigs.clocklisten import PPQN
-from antiphon.daemon.rigs.framedump import parse
+from antiphon.daemon.rigs.framedump import answer_onsets, off_grid, parse
 from antiphon.daemon.rigs.jackprobe import Probe
 
 TICK_MS = 60_000 / (C.BPM * PPQN)
@@ -193,8 +193,8 @@ def test_a_frame_tap_count_is_exact_only_while_every_tick_lay_on_the_frame_grid(
     late = [t - 64 * frame if k >= 40 else t for k, t in enumerate(ticks)]  # from tick 41 a cycle off
     source = SourceBeats.from_heard([(0.0, [0xFA])] + [(t, [0xF8]) for t in late], bpm=100)
     assert source.missing == 1 and len(source.runs) == 1
-    assert C.off_grid(source) == 1
-    assert C.off_grid(source, until=late[39]) == 0  # up to there the count is exact
+    assert off_grid(source.runs) == 1
+    assert off_grid(source.runs, until=late[39]) == 0  # up to there the count is exact
     a = C.Answer(0, True, traced_beats=1.0)
     C.by_frames(a, source, late[23])  # tick 24 (tick 10 was lost): beat 1
     assert a.frames_exact and a.frames_beat == pytest.approx(1.0) and abs(a.frames_heard_ms) < 0.01
@@ -209,4 +209,4 @@ def test_jack_midi_dump_lines_become_events_once_each_and_answers_are_found_by_t
     assert [m for _, m in heard] == [[0xFA], [0xF8], [0xF8], [0xF8], [0x90, 0x3C, 0x50]]  # the repeat kept once
     assert heard[1][0] == pytest.approx(70912 / 48000)
     ons = [(0.0, [0x90, 60, 80]), (0.2, [0x90, 62, 80]), (1.1, [0x90, 64, 80]), (3.0, [0x90, 65, 80])]
-    assert C.answer_onsets(ons) == [ons[0], ons[3]]  # 0.9 s inside an answer, 1.9 s between two
+    assert answer_onsets(ons) == [ons[0], ons[3]]  # 0.9 s inside an answer, 1.9 s between two

@@ -41,7 +41,7 @@ from antiphon.daemon.jam import read_trace_beats
 from antiphon.daemon.midiclock import CONTINUE, LOST_MIN_S, START, STOP, ClockFollower
 from antiphon.daemon.rigs import jackserver
 from antiphon.daemon.rigs.clocklisten import BPM, PPQN, SourceBeats, Tap
-from antiphon.daemon.rigs.framedump import FrameDump
+from antiphon.daemon.rigs.framedump import FrameDump, answer_onsets, off_grid
 from antiphon.daemon.rigs.jackprobe import Probe
 from antiphon.daemon.rigs.jackserver import JackServer, jam_log, orphan_safe, terminate
 from antiphon.daemon.studio import TRANSPORT_MARKERS
@@ -83,13 +83,12 @@ class Answer:
     # heard) for longer than antiphon waits before it takes the clock as gone (CI: 1.1 s, and never
     # again): free time is then right.
     clock_gone: bool = False
-    # By JACK frame (framedump.py): the source's song position when the first note was written, and
-    # first note, and heard minus the source's time of the traced beat; exact to a JACK period.
+    # By JACK frame (framedump.py): the source's song position when the first note was written,
+    # and that note minus the source's time of the traced beat; exact to a JACK period.
     frames_beat: float | None = None
     frames_heard_ms: float | None = None
-    # Every tick the frame tap heard in this run, up to the note, lay on the source's frame grid: its
-    # count is then exact. (A tap that runs a cycle late reads the next cycle's events as its own:
-    # whole cycles off the grid, and from there the count is a guess, as the listener's is.)
+    # Every tick jack_midi_dump heard in this run, up to the note, lay on the source's frame grid:
+    # its count is then exact (framedump.off_grid).
     frames_exact: bool = False
 
 
@@ -109,7 +108,7 @@ class Session:
     # differently from the listener, runs it began on another count). Same stamps, so what differs
     # is how the two count, not what JACK delivered to each.
     replayed: tuple[int, int, int] = (0, 0, 0)
-    frames: SourceBeats | None = None  # the source's ticks as the frame tap heard them
+    frames: SourceBeats | None = None  # the source's ticks by JACK frame (real-time scheduling only)
     raw: dict[str, Any] = field(default_factory=dict)  # what each tap heard, for --keep
 
     @property
@@ -215,7 +214,7 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
                 tap.close()
     source = SourceBeats.from_heard(ref.heard)
     dumped = dump.heard if dump is not None else []
-    frames = SourceBeats.from_heard([(t, m) for t, m in dumped if m[0] >= 0xF0])
+    frames = SourceBeats.from_heard([(t, m) for t, m in dumped if m[0] >= 0xF0]) if dump is not None else None
     firsts = []  # (answer, its first note-on) of the answered phrases
     rows = read_trace_beats(trace) if trace.exists() else []
     answers = []
@@ -237,7 +236,7 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
         firsts.append((a, msg))
         answers.append(a)
     onsets = answer_onsets([(t, m) for t, m in dumped if m[0] & 0xF0 == 0x90 and len(m) > 2 and m[2] > 0])
-    if len(onsets) == len(firsts):  # else an answer's notes were all lost for the dump: no matching by order
+    if frames is not None and len(onsets) == len(firsts):  # else an answer was lost whole: no matching by order
         for (a, msg), (t, m) in zip(firsts, onsets):
             if m[:2] == msg[:2]:  # not a later note of the answer, its first one lost
                 by_frames(a, frames, t)
@@ -254,7 +253,7 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
                                for gap in s.relay_silences)
             a.judged = a.judged and not a.clock_gone
     s.replayed = follower_on_the_listeners_stamps(ref.heard, source)
-    s.frames = frames if dump is not None else None
+    s.frames = frames
     s.raw = {"ref": ref.heard, "frames": dumped,
              "player": player.since(-math.inf), "trace": [list(r) for r in rows]}
     theirs = s.antiphon_transport
@@ -275,11 +274,6 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
     return s
 
 
-def answer_onsets(note_ons: list[tuple[float, list[int]]], gap_s: float = 1.0) -> list[tuple[float, list[int]]]:
-    """The first note-on of each answer: answers are over 1 s apart (PHRASE_GAP_S), their notes not."""
-    return [(t, m) for i, (t, m) in enumerate(note_ons) if i == 0 or t - note_ons[i - 1][0] > gap_s]
-
-
 def by_frames(a: Answer, frames: SourceBeats, heard: float) -> None:
     """The answer's first note, written at frame time `heard`, against the source's ticks by
     frame (Answer.frames_*)."""
@@ -287,17 +281,9 @@ def by_frames(a: Answer, frames: SourceBeats, heard: float) -> None:
         return
     a.frames_beat = frames.beat_at(heard)
     run = frames.run_at(heard)
-    a.frames_exact = run is not None and off_grid(SourceBeats([run]), until=heard) == 0
+    a.frames_exact = run is not None and off_grid([run], until=heard) == 0
     beat_t = frames.time_of(round(a.traced_beats), near=heard)
     a.frames_heard_ms = None if beat_t is None else 1000 * (heard - beat_t)
-
-
-def off_grid(frames: SourceBeats, rate: float = 48000.0, until: float = math.inf) -> int:
-    """Tick intervals, by frame, that are not a whole number of the source's periods (1,200 frames
-    at 100 bpm), among the ticks heard up to `until`: deliveries whole JACK cycles off (docs/clock.md)."""
-    period = rate * 60.0 / (BPM * PPQN)
-    iv = np.concatenate([np.diff(r.t[r.t <= until]) * rate for r in frames.runs]) if frames.runs else np.zeros(0)
-    return int(np.sum(np.abs(iv / period - np.round(iv / period)) * period > 1.5))
 
 
 def follower_on_the_listeners_stamps(heard: list[tuple[float, list[int]]],
@@ -390,7 +376,7 @@ def summary(sessions: list[Session]) -> dict[str, Any]:
                                            "max": q(heard_frames, 100)},
                       "listener_counted_otherwise": len(listener_otherwise),
                       "ticks_missed_by_frame_tap": sum(s.frames.missing for s in sessions if s.frames),
-                      "tick_intervals_off_the_frame_grid": sum(off_grid(s.frames) for s in sessions if s.frames)},
+                      "tick_intervals_off_the_frame_grid": sum(off_grid(s.frames.runs) for s in sessions if s.frames)},
         "follower_on_the_listeners_stamps": {
             "ticks": sum(s.replayed[0] for s in sessions), "counted_otherwise": sum(s.replayed[1] for s in sessions),
             "runs_begun_otherwise": sum(s.replayed[2] for s in sessions),

@@ -12,11 +12,15 @@ scheduling under two CPU hogs).
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
 import tempfile
 
+import numpy as np
+
+from antiphon.daemon.rigs.clocklisten import BPM, PPQN, TickRun
 from antiphon.daemon.rigs.jackserver import JackServer, orphan_safe, terminate
 
 LINE = re.compile(r"^\s*(\d+):((?:\s+[0-9a-fA-F]{2})+)(?:\s|$)")  # then, for channel messages, words
@@ -55,3 +59,18 @@ class FrameDump:
         self._out.seek(0)
         self.heard = parse(self._out.read(), self.rate)
         self._out.close()
+
+
+def off_grid(runs: list[TickRun], rate: float = 48000.0, until: float = math.inf) -> int:
+    """Tick intervals, by frame, that are not a whole number of the source's periods (1,200 frames
+    at 100 bpm), among the ticks heard up to `until`. A client that runs a cycle late reads the
+    next cycle's events as its own: whole cycles off the grid, and from there its count is a
+    guess, as the wall-time listener's is (docs/clock.md)."""
+    period = rate * 60.0 / (BPM * PPQN)
+    iv = np.concatenate([np.diff(r.t[r.t <= until]) * rate for r in runs]) if runs else np.zeros(0)
+    return int(np.sum(np.abs(iv / period - np.round(iv / period)) * period > 1.5))
+
+
+def answer_onsets(note_ons: list[tuple[float, list[int]]], gap_s: float = 1.0) -> list[tuple[float, list[int]]]:
+    """The first note-on of each answer: the rig's answers are over 1 s apart, their notes not."""
+    return [(t, m) for i, (t, m) in enumerate(note_ons) if i == 0 or t - note_ons[i - 1][0] > gap_s]
