@@ -191,7 +191,8 @@ class JamConfig:
     quiet: bool = _f(False, "no status output")
     stats: bool = _f(False, "print answer-note send latency percentiles when the jam ends")
     trace: str = _f("", "file to log every sent message to: due and send times, bytes, and the song position "
-                        "(beats) it was placed at under MIDI clock, '-' in free time (for `antiphon bench --live`)")
+                        "(beats) it was placed at under MIDI clock, '-' in free time (for `antiphon bench --live`); and every "
+                        "MIDI clock and transport message heard, with the song position (ticks) it gave")
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,27 @@ MAIN_TICK_S = 0.2
 JACK_WATCH_S = 1.0
 
 
+# --trace: the lines of clock input, beside the sent messages (what the follower was given, so
+# a session's song positions can be replayed and checked against the source's, tick by tick).
+CLOCK_LINE = "clock"
+
+
 def read_trace_beats(path: str | Path) -> list[tuple[float, float, list[int], float | None]]:
-    """A --trace file (written by Jam._trace): (due, sent, the 3 message bytes, the song position
-    in beats its due time had on the MIDI clock when sent, None in free time) per line."""
-    rows = (line.split() for line in Path(path).read_text().splitlines())
+    """A --trace file's sent messages (written by Jam._trace): (due, sent, the 3 message bytes, the
+    song position in beats its due time had on the MIDI clock when sent, None in free time)."""
+    rows = (line.split() for line in Path(path).read_text().splitlines() if not line.startswith(CLOCK_LINE))
     return [(float(due), float(sent), [int(a), int(b), int(c)], None if beats == "-" else float(beats))
             for due, sent, a, b, c, beats in rows]
+
+
+def read_trace_clock(path: str | Path) -> list[tuple[float, list[int], tuple[int, float] | None]]:
+    """A --trace file's clock input (written by Jam._trace_clock): (the MIDI system's time of the
+    message on the daemon's clock, its bytes, and what the follower believed after it: the song
+    position in ticks of the latest counted tick and that tick's time on the tempo line; None
+    while not locked). Fed to a fresh ClockFollower in order, they replay the session's follower."""
+    rows = (line.split() for line in Path(path).read_text().splitlines() if line.startswith(CLOCK_LINE))
+    return [(float(t), [int(b) for b in msg], None if tick == "-" else (int(tick), float(at)))
+            for _, t, tick, at, *msg in rows]
 
 
 def read_trace(path: str | Path) -> list[tuple[float, float, list[int]]]:
@@ -148,6 +163,8 @@ class Jam:
         self.watch = ports.OutputWatch(self.midi_out, self.out_name if cfg.out_port else "")
         self.trace_file = open(cfg.trace, "w", buffering=1 << 16) if cfg.trace else None  # noqa: SIM115
         studio = self.studio
+        if self.trace_file is not None:
+            studio.trace_clock = self._trace_clock
         self.scheduler = Scheduler(studio.send(self.midi_out.send_message), self.clock, cfg.late_drop_ms,
                                    cfg.out_channel - 1, log, self._trace)
         studio.scheduler, studio.to_engine = self.scheduler, self.engine_q.put
@@ -174,6 +191,11 @@ class Jam:
         if self.trace_file is not None:
             at = "-" if beats is None else f"{beats:.4f}"
             self.trace_file.write(f"{due:.6f} {sent:.6f} {msg[0]} {msg[1]} {msg[2]} {at}\n")
+
+    def _trace_clock(self, t: float, msg: list[int], state: Any) -> None:
+        if self.trace_file is not None:
+            at = f"{state.anchor_tick} {state.anchor_time:.9f}" if state.locked else "- -"
+            self.trace_file.write(f"{CLOCK_LINE} {t:.9f} {at} {' '.join(map(str, msg))}\n")
 
     def _submit(self, gen: int, items: list, start: float | None = None) -> None:
         self.sched_q.put(("submit", gen, items, start))

@@ -197,6 +197,9 @@ class ClockFollower:
                 self._restart_consecutive()
             elif d < -0.5 and not self._faster(gap, p):
                 self.repeats += 1  # a repeat, or one of a late bunch: its index is already counted
+                # A bunch means the ticks before it were held back by a stall, not that the line
+                # moved: they must not restart the fit from their late times.
+                self._offs.clear()
             else:
                 if gap > BRIDGE_S:
                     self._n = 0  # keep the position the line gives, but fit the tempo afresh
@@ -227,7 +230,9 @@ class ClockFollower:
             return
         self.late += 1
         self._jitter += (self._off_line(p) - self._jitter) / JITTER_WINDOW  # off by at least this much
-        if self._offs and (res > 0) != (self._offs[-1][2] > 0):
+        # A moved line (a stepped clock, a new tempo) shows in successive ticks; a stall's late
+        # ticks read as following lost ones, and must not restart the fit from their times.
+        if self._offs and ((res > 0) != (self._offs[-1][2] > 0) or self._index != self._offs[-1][0] + 1):
             self._offs.clear()
         self._offs.append((self._index, t, res))
         if len(self._offs) >= OFF_RUN:

@@ -76,6 +76,8 @@ class Studio:
         # Set by Jam once the scheduler and queues exist.
         self.scheduler: Any = None
         self.to_engine: Callable[[tuple], None] = lambda item: None
+        # --trace: each clock and transport message as the follower took it (Jam._trace_clock).
+        self.trace_clock: Callable[[float, list[int], M.ClockState], None] | None = None
         self.forwarded = 0  # scheduler-thread writer
         self.engine_taken = 0  # engine-thread writer
         self.held = 0  # engine-thread writer: player events the Conversation holds back (awaiting a reply)
@@ -196,6 +198,8 @@ class Studio:
     def _transport(self, status: int, msg: list[int], t: float) -> None:
         if not self.beat.feed(msg, t):
             return
+        if self.trace_clock is not None:
+            self.trace_clock(t, msg, self.beat.state)
         self.scheduler.retime()  # the line moved with this tick: an answer waiting to start follows its beat
         text = TRANSPORT_MARKERS.get(status)
         if text is None:

@@ -24,12 +24,13 @@ import time
 import numpy as np
 import pytest
 
+from antiphon.daemon.midiclock import ClockFollower
 from antiphon.daemon.rigs import clocksession as C
 from antiphon.daemon.rigs.clocklisten import PPQN
 from antiphon.daemon.rigs.framedump import answer_onsets, off_grid, parse
 from antiphon.daemon.rigs.jackprobe import Probe
 
-TICK_MS = 60_000 / (C.BPM * PPQN)
+TICK_MS = 1000 * C.TICK_S
 
 
 def report(s: C.Session) -> None:
@@ -99,10 +100,30 @@ def assert_on_the_sources_beats(s: C.Session) -> None:
         # heard the note and every tick before it on the source's grid.
         if a.frames_heard_ms is not None and a.frames_exact:
             assert -2.5 * TICK_MS <= a.frames_heard_ms <= 75.0, f"phrase {a.phrase} off the beat by frames"
+    assert_the_trace_says_what_antiphon_believed(s)
     if judged and s.scenario != "rolling" and s.frames is not None:  # dumped with real-time scheduling only
         assert any(a.frames_heard_ms is not None for a in judged), "jack_midi_dump heard nothing"
     print(f"{s.scenario}: heard minus the source's beat " + ", ".join(f"{a.heard_ms:.2f} ms" for a in s.answers
                                                                       if a.heard_ms is not None))
+
+
+def assert_the_trace_says_what_antiphon_believed(s: C.Session) -> None:
+    """--trace holds every clock message antiphon took, with the song position it gave it: fed to a
+    fresh follower the messages give the same beliefs (the trace is the follower's whole input),
+    and most of those ticks are where the source played them."""
+    clock_in = s.raw["antiphon_clock"]
+    # At least the 1.5 s of ticks the rig waits for before the first phrase (a relay may fall
+    # silent after that: CI, once).
+    assert sum(1 for _, m, _ in clock_in if m[0] == 0xF8) > PPQN, "the trace holds no clock ticks"
+    follower = ClockFollower()
+    for t, msg, belief in clock_in:
+        follower.feed(msg, t)
+        st = follower.state
+        assert belief == ((st.anchor_tick, pytest.approx(st.anchor_time, abs=1e-8)) if st.locked else None)
+    if s.scenario != "rolling":
+        # A lost Start tick or a stall read as a lost tick puts a run a tick off (the tolerance
+        # above); the bulk of the ticks are on the source's.
+        assert len(s.believed_ms) > PPQN and np.median(np.abs(s.believed_ms)) < 0.5 * TICK_MS, s.believed_ms
 
 
 @pytest.mark.parametrize("scenario", C.SCENARIOS)
@@ -183,6 +204,23 @@ def test_the_follower_replayed_on_the_listeners_stamps_counts_as_the_listener_do
     heard_late_start = [(0.0, [0xFA])] + heard[3:]
     source = SourceBeats.from_heard(heard_late_start, bpm=100)
     assert C.follower_on_the_listeners_stamps(heard_late_start, source) == (395, 395, 1)
+
+
+def test_antiphons_belief_is_judged_tick_by_tick_against_the_sources_count():
+    from antiphon.daemon.rigs.clocklisten import SourceBeats
+
+    period = 60 / (PPQN * 100)
+    heard = [(0.0, [0xFA])] + [(0.001 + k * period, [0xF8]) for k in range(200)]
+    source = SourceBeats.from_heard(heard, bpm=100)
+    # antiphon's ticks 2 ms later (one more hop); from tick 100 it believes each tick is the one before.
+    clock_in = [(0.0, [0xFA], None)] + [(t + 0.002, [0xF8], (k - (k >= 100), t + 0.002)) for k, (t, _) in enumerate(heard[1:])]
+    clock_in.insert(51, (clock_in[50][0] + 0.0001, [0xF8], clock_in[50][2]))  # a repeat: no new belief
+    ms = C.believed_vs_source(clock_in, source)
+    assert len(ms) == 200
+    assert np.allclose(ms[:100], 2.0, atol=0.01) and np.allclose(ms[100:], 2.0 + 1000 * period, atol=0.01)
+    assert C.believed_vs_source(clock_in, source, until=heard[100][0]) == pytest.approx(ms[:99])
+    s = C.Session("stopped", [], "", source, believed_ms=ms)
+    assert s.ticks_apart == 100
 
 
 def test_a_frame_tap_count_is_exact_only_while_every_tick_lay_on_the_frame_grid():

@@ -143,6 +143,11 @@ class TickRun:
         period, t0 = np.polyfit(self.idx[near], self.t[near], 1)
         return float(period), float(t0)
 
+    def time_of(self, index: float) -> float:
+        """When the source played the run's tick `index`, by the local line there."""
+        period, t0 = self.local_line(index)
+        return t0 + index * period
+
 
 @dataclass
 class SourceBeats:
@@ -224,9 +229,7 @@ class SourceBeats:
         run = self.run_at(near)
         if run is None or run.first is None:
             return None
-        index = beat * PPQN - run.first
-        period, t0 = run.local_line(index)
-        return t0 + index * period
+        return run.time_of(beat * PPQN - run.first)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ Truth is the clock source as the reference listener hears it (clocklisten.py): t
 of each tick counted the MIDI way (from Start; across Stop/Continue; from the first tick when there
 was no Start), counted by intervals so ticks the listener itself lost do not matter.
 For each phrase: did an answer come, at which song position does antiphon's --trace say its first
-note was placed, and how far from that beat (as the source placed it) was it sent and heard.
+note was placed, and how far from that beat (as the source placed it) was it sent and heard. For
+each tick antiphon counted (its --trace's clock lines): where its tempo line put that song position
+against where the source played it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from antiphon.daemon.context import LOST_NOTE_OFF
-from antiphon.daemon.jam import read_trace_beats
+from antiphon.daemon.jam import read_trace_beats, read_trace_clock
 from antiphon.daemon.midiclock import CONTINUE, LOST_MIN_S, START, STOP, ClockFollower
 from antiphon.daemon.rigs import jackserver
 from antiphon.daemon.rigs.clocklisten import BPM, PPQN, SourceBeats, Tap
@@ -56,6 +58,7 @@ PHRASE = [(0.25 * i + d, [0x90 if d == 0 else 0x80, p, 90 if d == 0 else 0])
 PHRASE_GAP_S = 4.5  # one phrase every this many seconds: the answer (<= 1.5 s, from <= 1.9 s) is over by 3.4 s
 CLOCK_PORT = "jack_midi_clock:mclk_out"
 SCENARIOS = ("stopped", "rolling", "locate", "relay")
+TICK_S = 60.0 / (BPM * PPQN)
 RELAY_DROPS = (30, 31, 75, 120, 121, 122, 200, 260, 333, 400, 480, 560, 561, 640, 700)
 
 
@@ -109,13 +112,31 @@ class Session:
     # is how the two count, not what JACK delivered to each.
     replayed: tuple[int, int, int] = (0, 0, 0)
     frames: SourceBeats | None = None  # the source's ticks by JACK frame (real-time scheduling only)
+    # For each tick antiphon counted (its --trace), where its follower put that tick's song position
+    # on its tempo line minus where the source played it (by the listener), ms; not in the rolling
+    # scenario (no common count) nor after a transport message one side lost.
+    believed_ms: list[float] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)  # what each tap heard, for --keep
 
     @property
     def truths_disagree(self) -> bool:
-        """The listener's count and the frame tap's differ by a tick or more at some answer."""
-        return any(a.source_beat is not None and a.frames_beat is not None
+        """The listener's count and the frame tap's differ by a tick or more at some answer the frames
+        judge exactly (after a tick off the frame grid the frame count guesses too)."""
+        return any(a.source_beat is not None and a.frames_beat is not None and a.frames_exact
                    and round(PPQN * (a.source_beat - a.frames_beat)) != 0 for a in self.answers)
+
+    @property
+    def off_the_beat(self) -> bool:
+        """An answer at another song position than the source's, by the listener or by frames."""
+        return any(a.judged and a.traced_beats is not None
+                   and any(b is not None and abs(b - round(a.traced_beats)) >= 0.03
+                           for b in (a.source_beat, a.frames_beat if a.frames_exact else None))
+                   for a in self.answers)
+
+    @property
+    def ticks_apart(self) -> int:
+        """Ticks antiphon counted half a tick or more from the source's count."""
+        return sum(1 for e in self.believed_ms if abs(e) >= 500 * TICK_S)
 
     @property
     def all_answered(self) -> bool:
@@ -254,9 +275,12 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
             a.judged = a.judged and not a.clock_gone
     s.replayed = follower_on_the_listeners_stamps(ref.heard, source)
     s.frames = frames
-    s.raw = {"ref": ref.heard, "frames": dumped,
-             "player": player.since(-math.inf), "trace": [list(r) for r in rows]}
+    clock_in = read_trace_clock(trace) if trace.exists() else []
+    s.raw = {"ref": ref.heard, "frames": dumped, "player": player.since(-math.inf),
+             "trace": [list(r) for r in rows], "antiphon_clock": clock_in,
+             "relayed": relayed.heard if relayed is not None else []}
     theirs = s.antiphon_transport
+    common_until = math.inf
     if s.transport != theirs:
         split = next((i for i, (a, b) in enumerate(zip(s.transport, theirs)) if a != b),
                      min(len(s.transport), len(theirs)))
@@ -271,7 +295,30 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
             since = moves[-1][0] if moves else -math.inf
         for a, t_off in zip(answers, offs):
             a.judged = t_off < since
+        common_until = since
+    if scenario != "rolling":
+        s.believed_ms = believed_vs_source(clock_in, source, common_until)
     return s
+
+
+def believed_vs_source(clock_in: list[tuple[float, list[int], tuple[int, float] | None]], source: SourceBeats,
+                       until: float = math.inf) -> list[float]:
+    """For each tick antiphon's follower counted (read_trace_clock), its time for that song position
+    minus the source's time of it, ms: what antiphon believed, tick by tick, against the clock."""
+    out, last = [], None
+    for t, msg, belief in clock_in:
+        if t >= until:
+            break
+        if msg[0] != 0xF8 or belief is None or belief == last:
+            continue  # a repeat leaves the belief as it was
+        last = belief
+        tick, at = belief
+        # The run the listener heard at that time: runs are looked for around a moment by
+        # `SourceBeats.run_at`, which near a Stop already picks the next one.
+        run = next((r for r in reversed(source.runs) if r.t[0] - TICK_S / 2 <= at <= r.t[-1] + TICK_S / 2), None)
+        if run is not None and run.first is not None:
+            out.append(1000 * (at - run.time_of(tick - run.first)))
+    return out
 
 
 def by_frames(a: Answer, frames: SourceBeats, heard: float) -> None:
@@ -355,6 +402,7 @@ def summary(sessions: list[Session]) -> dict[str, Any]:
     listener_otherwise = [a for a in by_frames if a.source_beat is not None
                           and round(PPQN * (a.source_beat - a.frames_beat)) != 0]
     sent = sorted(abs(a.sent_ms) for a in judged if a.sent_ms is not None)
+    believed = sorted(abs(e) for s in sessions for e in s.believed_ms)
 
     def q(xs: list[float], p: float) -> float:
         return round(float(np.percentile(xs, p)), 2) if xs else float("nan")
@@ -377,6 +425,10 @@ def summary(sessions: list[Session]) -> dict[str, Any]:
                       "listener_counted_otherwise": len(listener_otherwise),
                       "ticks_missed_by_frame_tap": sum(s.frames.missing for s in sessions if s.frames),
                       "tick_intervals_off_the_frame_grid": sum(off_grid(s.frames.runs) for s in sessions if s.frames)},
+        "antiphons_ticks_against_the_source": {
+            "ticks": len(believed), "half_a_tick_or_more_apart": sum(s.ticks_apart for s in sessions),
+            "sessions_with_any": sum(1 for s in sessions if s.ticks_apart),
+            "abs_ms": {"p50": q(believed, 50), "p90": q(believed, 90), "p99": q(believed, 99), "max": q(believed, 100)}},
         "follower_on_the_listeners_stamps": {
             "ticks": sum(s.replayed[0] for s in sessions), "counted_otherwise": sum(s.replayed[1] for s in sessions),
             "runs_begun_otherwise": sum(s.replayed[2] for s in sessions),
@@ -392,13 +444,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phrases", type=int, default=5, help="phrases per session")
     p.add_argument("--model", default="", help="ONNX model (default: the shipped model)")
     p.add_argument("--json", action="store_true", help="also print every answer as JSON lines")
-    p.add_argument("--keep", default="", help="write what every tap heard, as JSON, for each session where "
-                                               "the listener's count and the frame tap's disagree, to this folder")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="which scenarios, in turn (comma-separated)")
+    p.add_argument("--keep", default="", help="write what every tap and antiphon heard, as JSON, to this folder, for "
+                                               "each session where an answer or a tick of antiphon's is off the "
+                                               "source's count, or the listener's count and the frame tap's disagree")
     args = p.parse_args(argv)
+    scenarios = args.scenarios.split(",")
+    if unknown := set(scenarios) - set(SCENARIOS):
+        p.error(f"--scenarios: {', '.join(sorted(unknown))} unknown; choose from {', '.join(SCENARIOS)}")
     sessions = []
     with JackServer() as jack, tempfile.TemporaryDirectory() as tmp:
         for i in range(args.sessions):
-            scenario = SCENARIOS[i % len(SCENARIOS)]
+            scenario = scenarios[i % len(scenarios)]
             jack.ensure()
             s = run_session(jack, args.model, scenario, Path(tmp), args.phrases, name=f"clk{i}")
             sessions.append(s)
@@ -407,11 +464,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"session {i + 1} {scenario}: {shown}", flush=True)
             if args.json:
                 print(json.dumps([a.__dict__ for a in s.answers]), flush=True)
-            if args.keep and s.truths_disagree:
+            why = [w for w, yes in (("an answer off the source's beat", s.off_the_beat),
+                                    (f"{s.ticks_apart} ticks counted otherwise", s.ticks_apart),
+                                    ("the listener's count and the frame tap's disagree", s.truths_disagree)) if yes]
+            if args.keep and why:
                 Path(args.keep).mkdir(parents=True, exist_ok=True)
                 kept = Path(args.keep) / f"session-{i + 1}-{scenario}.json"
                 kept.write_text(json.dumps({"answers": [a.__dict__ for a in s.answers], **s.raw}))
-                print(f"  the listener's count and the frame tap's disagree: {kept}", flush=True)
+                print(f"  {'; '.join(why)}: {kept}", flush=True)
             if not s.all_answered:
                 print(f"  transport heard {s.transport!r}; source runs (first, last index, period ms) "
                       f"{s.source.describe()}",
