@@ -270,19 +270,10 @@ def test_stalls_that_stack_up_behind_the_relays_dropped_ticks_do_not_move_the_co
     that start while an earlier one still holds the ticks back, released in a bunch, stamped per
     64-frame JACK cycle. The late ticks read as following lost ones, and three of them in a row
     restarted the line from their late times: one tick behind for good (these seeds, before
-    2026-12-02; 46 of 1,000 seeds with stalls up to 6 periods, now 1)."""
-    from antiphon.daemon.rigs.clocksession import RELAY_DROPS
+    2026-12-02; docs/clock.md has the counts over 1,000 seeds, `python -m antiphon.daemon.rigs.clocksim`)."""
+    from antiphon.daemon.rigs.clocksim import stalled_stream
 
-    times = grid(24 * 36)
-    rng = random.Random(seed)
-    delivered, held = [], 0.0
-    for i, t in enumerate(times):
-        r, u = rng.random(), rng.uniform(0.3, longest)
-        if (i + 1) in RELAY_DROPS:  # the relay counts from 1
-            continue
-        if i > 30 and r < stalls:
-            held = max(held, t + u * PERIOD_100)
-        delivered.append(((int(max(t, held) / CYCLE) + 1) * CYCLE, i))
+    times, delivered = stalled_stream(seed, stalls, longest)
     judge = Judge(times)
     f = follow(delivered, check=judge)
     assert sum(1 for d, i in delivered if d - times[i] > PERIOD_100) > 10  # ticks really came over a period late
