@@ -417,3 +417,16 @@ def test_a_line_too_slow_to_be_a_clock_places_nothing():
     f.feed([CLOCK], T0 + 0.5)
     assert f.state.locked and f.bpm == pytest.approx(5.0)
     assert not f.synced(T0 + 0.6)
+
+
+def test_the_simulation_program_counts_runs_that_end_a_tick_off(capsys):
+    """`python -m antiphon.daemon.rigs.clocksim`, whose counts docs/clock.md gives: stalls behind the
+    relay's drops leave no run a tick off; a source that falls behind for good (JACK without
+    real-time scheduling) reads as lost ticks, a tick ahead (a limit, docs/clock.md)."""
+    from antiphon.daemon.rigs import clocksim
+
+    assert clocksim.main(["--runs", "100"]) == 0
+    assert capsys.readouterr().out.strip() == "100 runs: 0 ended a tick or more off (0 ahead, 0 behind)"
+    clocksim.main(["--runs", "20", "--behind", "--stalls", "0.02", "--longest", "0.7"])
+    ahead = int(capsys.readouterr().out.split("(")[1].split()[0])
+    assert ahead >= 5

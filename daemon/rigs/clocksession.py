@@ -43,6 +43,7 @@ from antiphon.daemon.jam import read_trace_beats, read_trace_clock
 from antiphon.daemon.midiclock import CONTINUE, LOST_MIN_S, START, STOP, ClockFollower
 from antiphon.daemon.rigs import jackserver
 from antiphon.daemon.rigs.clocklisten import BPM, PPQN, SourceBeats, Tap
+from antiphon.daemon.rigs.clocksim import RELAY_DROPS
 from antiphon.daemon.rigs.framedump import FrameDump, answer_onsets, off_grid
 from antiphon.daemon.rigs.jackprobe import Probe
 from antiphon.daemon.rigs.jackserver import JackServer, jam_log, orphan_safe, terminate
@@ -59,7 +60,6 @@ PHRASE_GAP_S = 4.5  # one phrase every this many seconds: the answer (<= 1.5 s, 
 CLOCK_PORT = "jack_midi_clock:mclk_out"
 SCENARIOS = ("stopped", "rolling", "locate", "relay")
 TICK_S = 60.0 / (BPM * PPQN)
-RELAY_DROPS = (30, 31, 75, 120, 121, 122, 200, 260, 333, 400, 480, 560, 561, 640, 700)
 
 
 def transport(jack: JackServer, command: str) -> None:

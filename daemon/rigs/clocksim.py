@@ -19,7 +19,8 @@ from antiphon.daemon.midiclock import CLOCK, PPQN, START, ClockFollower
 
 PERIOD = 60.0 / (PPQN * 100)  # 100 bpm
 CYCLE = 64 / 48000  # one JACK period at the rig's settings
-RELAY_DROPS = (30, 31, 75, 120, 121, 122, 200, 260, 333, 400, 480, 560, 561, 640, 700)  # clocksession's relay
+# The ticks (counted from 1) the clock rig's relay keeps from antiphon (clocksession.py), and these runs' drops.
+RELAY_DROPS = (30, 31, 75, 120, 121, 122, 200, 260, 333, 400, 480, 560, 561, 640, 700)
 T0 = 1000.0
 
 
