@@ -448,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", default="", help="write what every tap and antiphon heard, as JSON, to this folder, for "
                                                "each session where an answer or a tick of antiphon's is off the "
                                                "source's count, or the listener's count and the frame tap's disagree")
+    p.add_argument("--keep-all", action="store_true", help="with --keep: write every session")
     args = p.parse_args(argv)
     scenarios = args.scenarios.split(",")
     if unknown := set(scenarios) - set(SCENARIOS):
@@ -467,11 +468,11 @@ def main(argv: list[str] | None = None) -> int:
             why = [w for w, yes in (("an answer off the source's beat", s.off_the_beat),
                                     (f"{s.ticks_apart} ticks counted otherwise", s.ticks_apart),
                                     ("the listener's count and the frame tap's disagree", s.truths_disagree)) if yes]
-            if args.keep and why:
+            if args.keep and (why or args.keep_all):
                 Path(args.keep).mkdir(parents=True, exist_ok=True)
                 kept = Path(args.keep) / f"session-{i + 1}-{scenario}.json"
                 kept.write_text(json.dumps({"answers": [a.__dict__ for a in s.answers], **s.raw}))
-                print(f"  {'; '.join(why)}: {kept}", flush=True)
+                print(f"  {'; '.join(why) or 'kept'}: {kept}", flush=True)
             if not s.all_answered:
                 print(f"  transport heard {s.transport!r}; source runs (first, last index, period ms) "
                       f"{s.source.describe()}",
