@@ -193,9 +193,9 @@ class Jam:
             self.trace_file.write(f"{due:.6f} {sent:.6f} {msg[0]} {msg[1]} {msg[2]} {at}\n")
 
     def _trace_clock(self, t: float, msg: list[int], state: Any) -> None:
-        if self.trace_file is not None:
-            at = f"{state.anchor_tick} {state.anchor_time:.9f}" if state.locked else "- -"
-            self.trace_file.write(f"{CLOCK_LINE} {t:.9f} {at} {' '.join(map(str, msg))}\n")
+        """Studio.trace_clock, installed only with --trace."""
+        at = f"{state.anchor_tick} {state.anchor_time:.9f}" if state.locked else "- -"
+        self.trace_file.write(f"{CLOCK_LINE} {t:.9f} {at} {' '.join(map(str, msg))}\n")
 
     def _submit(self, gen: int, items: list, start: float | None = None) -> None:
         self.sched_q.put(("submit", gen, items, start))

@@ -223,6 +223,24 @@ def test_antiphons_belief_is_judged_tick_by_tick_against_the_sources_count():
     assert s.ticks_apart == 100
 
 
+def test_a_time_near_a_stop_belongs_to_the_run_that_played_it_not_the_next():
+    """A run covers a beat before its first tick; after a Stop and a quick Continue that beat
+    overlaps the stopped run's last ticks, which still belong to it."""
+    from antiphon.daemon.rigs.clocklisten import SourceBeats
+
+    period = 60 / (PPQN * 100)
+    first = [(0.001 + k * period, [0xF8]) for k in range(100)]
+    resume = first[-1][0] + 0.3
+    heard = [(0.0, [0xFA]), *first, (first[-1][0] + 0.01, [0xFC]), (resume, [0xFB]),
+             *[(resume + (k + 1) * period, [0xF8]) for k in range(100)]]
+    source = SourceBeats.from_heard(heard, bpm=100)
+    assert len(source.runs) == 2 and source.runs[1].first == 100
+    late_in_the_first = first[-3][0]  # tick 97, within a beat of the second run's first tick
+    assert source.run_at(late_in_the_first) is source.runs[0]
+    assert source.beat_at(late_in_the_first) * PPQN == pytest.approx(97, abs=0.01)
+    assert source.run_at(resume + 50 * period) is source.runs[1]
+
+
 def test_a_frame_tap_count_is_exact_only_while_every_tick_lay_on_the_frame_grid():
     from antiphon.daemon.rigs.clocklisten import SourceBeats
 

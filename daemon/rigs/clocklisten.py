@@ -214,8 +214,11 @@ class SourceBeats:
         return str([(r.first, int(r.idx[-1]), round(1000 * r.period, 3)) for r in self.runs])
 
     def run_at(self, t: float) -> TickRun | None:
-        """The run of ticks playing at time t (song positions repeat after a Start: time decides)."""
-        return next((run for run in reversed(self.runs) if run.covers(t)), None)
+        """The run of ticks playing at time t (song positions repeat after a Start: time decides):
+        the one whose ticks span t, else the latest that covers it. A run covers a beat before its
+        first tick, so near a Stop the next run covers t too, while the stopped one still played it."""
+        spanning = (run for run in reversed(self.runs) if run.t[0] - run.period / 2 <= t <= run.t[-1] + run.period / 2)
+        return next(spanning, None) or next((run for run in reversed(self.runs) if run.covers(t)), None)
 
     def beat_at(self, t: float) -> float | None:
         run = self.run_at(t)

@@ -313,11 +313,9 @@ def believed_vs_source(clock_in: list[tuple[float, list[int], tuple[int, float] 
             continue  # a repeat leaves the belief as it was
         last = belief
         tick, at = belief
-        # The run the listener heard at that time: runs are looked for around a moment by
-        # `SourceBeats.run_at`, which near a Stop already picks the next one.
-        run = next((r for r in reversed(source.runs) if r.t[0] - TICK_S / 2 <= at <= r.t[-1] + TICK_S / 2), None)
-        if run is not None and run.first is not None:
-            out.append(1000 * (at - run.time_of(tick - run.first)))
+        src_t = source.time_of(tick / PPQN, near=at)
+        if src_t is not None:
+            out.append(1000 * (at - src_t))
     return out
 
 
