@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from antiphon.daemon.midiclock import ClockFollower
+from antiphon.daemon.rigs import clockjudge as J
 from antiphon.daemon.rigs import clocksession as C
 from antiphon.daemon.rigs.clocklisten import PPQN
 from antiphon.daemon.rigs.framedump import answer_onsets, off_grid, parse
@@ -180,14 +181,14 @@ def test_the_log_says_why_it_is_silent(jack, jam_model, jack_midi_clock, tmp_pat
 
 def test_a_relay_silent_past_antiphons_patience_excuses_only_the_phrases_it_touched():
     ticks = [i * 0.025 for i in range(200)]  # 0 to 4.975 s, then the relay forwards nothing
-    assert C.silences(ticks, until=10.0) == [(ticks[-1], 10.0)]
+    assert J.silences(ticks, until=10.0) == [(ticks[-1], 10.0)]
     with_a_short_stall = [t for t in ticks if not 1.0 < t < 1.9]  # 0.9 s: antiphon extrapolates
-    assert C.silences(with_a_short_stall, until=ticks[-1]) == []
+    assert J.silences(with_a_short_stall, until=ticks[-1]) == []
     gap = (5.0, 7.0)
-    assert not C.gone_while(gap, 2.0, 5.9)  # placed before antiphon took the clock as gone
-    assert C.gone_while(gap, 5.5, 6.2)
-    assert C.gone_while(gap, 7.2, 7.6)  # ticks back, the line not yet refitted
-    assert not C.gone_while(gap, 9.0, 9.4)
+    assert not J.gone_while(gap, 2.0, 5.9)  # placed before antiphon took the clock as gone
+    assert J.gone_while(gap, 5.5, 6.2)
+    assert J.gone_while(gap, 7.2, 7.6)  # ticks back, the line not yet refitted
+    assert not J.gone_while(gap, 9.0, 9.4)
 
 
 def test_the_follower_replayed_on_the_listeners_stamps_counts_as_the_listener_does():
@@ -198,12 +199,12 @@ def test_the_follower_replayed_on_the_listeners_stamps_counts_as_the_listener_do
     heard = [(0.0, [0xFA])] + [(0.001 + k * period + jitter[k], [0xF8]) for k in range(400) if k not in (50, 51, 200)]
     source = SourceBeats.from_heard(heard, bpm=100)
     assert source.missing == 3
-    assert C.follower_on_the_listeners_stamps(heard, source) == (397, 0, 0)
+    assert J.follower_on_the_listeners_stamps(heard, source) == (397, 0, 0)
     # Ticks 0 and 1 lost right after the Start: the follower takes the next tick as tick 0 (the MIDI
     # spec), the listener counts the time since the Start. The replay says the run began otherwise.
     heard_late_start = [(0.0, [0xFA])] + heard[3:]
     source = SourceBeats.from_heard(heard_late_start, bpm=100)
-    assert C.follower_on_the_listeners_stamps(heard_late_start, source) == (395, 395, 1)
+    assert J.follower_on_the_listeners_stamps(heard_late_start, source) == (395, 395, 1)
 
 
 def test_antiphons_belief_is_judged_tick_by_tick_against_the_sources_count():
@@ -215,10 +216,10 @@ def test_antiphons_belief_is_judged_tick_by_tick_against_the_sources_count():
     # antiphon's ticks 2 ms later (one more hop); from tick 100 it believes each tick is the one before.
     clock_in = [(0.0, [0xFA], None)] + [(t + 0.002, [0xF8], (k - (k >= 100), t + 0.002)) for k, (t, _) in enumerate(heard[1:])]
     clock_in.insert(51, (clock_in[50][0] + 0.0001, [0xF8], clock_in[50][2]))  # a repeat: no new belief
-    ms = C.believed_vs_source(clock_in, source)
+    ms = J.believed_vs_source(clock_in, source)
     assert len(ms) == 200
     assert np.allclose(ms[:100], 2.0, atol=0.01) and np.allclose(ms[100:], 2.0 + 1000 * period, atol=0.01)
-    assert C.believed_vs_source(clock_in, source, until=heard[100][0]) == pytest.approx(ms[:99])
+    assert J.believed_vs_source(clock_in, source, until=heard[100][0]) == pytest.approx(ms[:99])
     s = C.Session("stopped", [], "", source, believed_ms=ms)
     assert s.ticks_apart == 100
 

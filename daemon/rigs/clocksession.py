@@ -25,7 +25,6 @@ against where the source played it.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import subprocess
@@ -40,8 +39,14 @@ import numpy as np
 
 from antiphon.daemon.context import LOST_NOTE_OFF
 from antiphon.daemon.jam import read_trace_beats, read_trace_clock
-from antiphon.daemon.midiclock import CONTINUE, LOST_MIN_S, START, STOP, ClockFollower
+from antiphon.daemon.midiclock import CONTINUE, START, STOP
 from antiphon.daemon.rigs import jackserver
+from antiphon.daemon.rigs.clockjudge import (
+    believed_vs_source,
+    follower_on_the_listeners_stamps,
+    gone_while,
+    silences,
+)
 from antiphon.daemon.rigs.clocklisten import BPM, PPQN, SourceBeats, Tap
 from antiphon.daemon.rigs.clocksim import RELAY_DROPS
 from antiphon.daemon.rigs.framedump import FrameDump, answer_onsets, off_grid
@@ -301,24 +306,6 @@ def run_session(jack: JackServer, model: str, scenario: str, workdir: Path, phra
     return s
 
 
-def believed_vs_source(clock_in: list[tuple[float, list[int], tuple[int, float] | None]], source: SourceBeats,
-                       until: float = math.inf) -> list[float]:
-    """For each tick antiphon's follower counted (read_trace_clock), its time for that song position
-    minus the source's time of it, ms: what antiphon believed, tick by tick, against the clock."""
-    out, last = [], None
-    for t, msg, belief in clock_in:
-        if t >= until:
-            break
-        if msg[0] != 0xF8 or belief is None or belief == last:
-            continue  # a repeat leaves the belief as it was
-        last = belief
-        tick, at = belief
-        src_t = source.time_of(tick / PPQN, near=at)
-        if src_t is not None:
-            out.append(1000 * (at - src_t))
-    return out
-
-
 def by_frames(a: Answer, frames: SourceBeats, heard: float) -> None:
     """The answer's first note, written at frame time `heard`, against the source's ticks by
     frame (Answer.frames_*)."""
@@ -329,46 +316,6 @@ def by_frames(a: Answer, frames: SourceBeats, heard: float) -> None:
     a.frames_exact = run is not None and off_grid([run], until=heard) == 0
     beat_t = frames.time_of(round(a.traced_beats), near=heard)
     a.frames_heard_ms = None if beat_t is None else 1000 * (heard - beat_t)
-
-
-def follower_on_the_listeners_stamps(heard: list[tuple[float, list[int]]],
-                                     source: SourceBeats) -> tuple[int, int, int]:
-    """antiphon's follower, fed what the listener heard, against the listener's count: tick by
-    tick, the song position the follower gave the tick (its anchor once counted) minus the one the
-    listener's count gives it. See Session.replayed."""
-    follower = ClockFollower()
-    counted: dict[float, int] = {}
-    for t, m in heard:
-        follower.feed(m, t)
-        if m[0] == 0xF8 and follower.state.locked and follower.state.last_tick == t:
-            counted[t] = follower.state.anchor_tick
-    compared = apart = runs_apart = 0
-    for run in source.runs:
-        if run.first is None:
-            continue
-        d = [counted[t] - (run.first + int(i)) for i, t in zip(run.idx, run.t) if t in counted]
-        compared += len(d)
-        apart += sum(1 for x in d if x != 0)
-        runs_apart += bool(d) and d[0] != 0
-    return compared, apart, runs_apart
-
-
-# After a silence the follower refits its line on fresh ticks: as long as the session waits for one.
-REFIT_S = 1.5
-
-
-def silences(times: list[float], until: float) -> list[tuple[float, float]]:
-    """The stretches (from, to) longer than LOST_MIN_S between messages heard at `times` (in
-    order), up to `until` (the source's last tick: a relay that forwarded nothing after some point
-    fell silent up to there)."""
-    ts = [*times, until] if times and until > times[-1] else list(times)
-    return [(a, b) for a, b in itertools.pairwise(ts) if b - a > LOST_MIN_S]
-
-
-def gone_while(gap: tuple[float, float], since: float, until: float) -> bool:
-    """antiphon's clock was gone (no tick for LOST_MIN_S) at some time from `since` to `until`, or
-    had come back too recently for a refit, in the silence `gap`."""
-    return gap[0] + LOST_MIN_S < until and since < gap[1] + REFIT_S
 
 
 TRANSPORT_LETTERS = {START: "S", CONTINUE: "C", STOP: "P"}
